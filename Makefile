@@ -1,0 +1,43 @@
+# Everything a fresh machine needs: `make demo` and `make test`.
+PYTHON        ?= python3
+VENV          ?= .venv
+# A torch version that exists everywhere; on these machines it is a local CPU wheel.
+# Override for CUDA builds, e.g. `make demo TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC    ?= torch==$(TORCH_VERSION)
+CORES         ?= all
+PYTEST_ARGS   ?=
+BIN           := $(VENV)/bin
+STAMP         := $(VENV)/.prefkd-installed
+
+export PREFKD_WHEEL_DIR ?= $(CURDIR)/.cache/wheels
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: demo test install lint clean-demo benchmarks
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	. $(BIN)/activate && snakemake --cores $(CORES)
+
+test: $(STAMP)
+	. $(BIN)/activate && python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	. $(BIN)/activate && snakemake --lint && snakemake -n --quiet
+
+benchmarks: $(STAMP)
+	. $(BIN)/activate && python benchmarks/alignment.py --quick
+
+clean-demo:
+	rm -rf results/demo .snakemake

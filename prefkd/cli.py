@@ -1,0 +1,63 @@
+"""`prefkd` command line: one subcommand per stage, each runnable by hand.
+
+Stage modules are imported only when their subcommand runs, so `prefkd --help`
+stays fast. Each module exposes ``add_arguments(parser)`` and ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from prefkd.errors import PrefkdError
+
+# name -> (module, add_arguments function, run function, one-line help)
+COMMANDS = {
+    "tokenizer": ("prefkd.tokenizers", "add_arguments", "run", "build or fetch a tokenizer dir (builtin, HF id or path)"),
+    "demo-data": ("prefkd.demo_data", "add_arguments", "run", "write the embedded demo's synthetic preference pairs"),
+    "prepare": ("prefkd.prepare", "add_arguments", "run", "load, normalise, filter and split a preference dataset"),
+    "tokenize": ("prefkd.tokenize_align", "add_arguments", "run", "tokenize one shard with both tokenizers and align spans"),
+    "alignment-stats": (
+        "prefkd.tokenize_align",
+        "add_gather_arguments",
+        "run_gather",
+        "merge token-shard statistics into stats/alignment.json",
+    ),
+    "spans": ("prefkd.spans", "add_arguments", "run", "show aligned spans of a text, or check every invariant on a JSONL file"),
+}
+
+
+def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefkd", description="Cross-Tokenizer Preference Distillation stages.")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    for name, (module, add, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load_modules:
+            getattr(importlib.import_module(module), add)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Only import the module of the chosen stage.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen not in COMMANDS:
+        parser = build_parser(load_modules=False)
+        args = parser.parse_args(argv)
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module, add, run, help_text = COMMANDS[chosen]
+    mod = importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog=f"prefkd {chosen}", description=help_text)
+    getattr(mod, add)(parser)
+    args = parser.parse_args(argv[argv.index(chosen) + 1 :])
+    try:
+        return int(getattr(mod, run)(args) or 0)
+    except PrefkdError as exc:
+        print(f"prefkd {chosen}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

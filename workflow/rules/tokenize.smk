@@ -1,0 +1,52 @@
+# Tokenize + align, scattered over shards (each shard its own job), then gathered statistics.
+
+
+rule tokenize_align:
+    input:
+        data=f"{R}/data/{{split}}.parquet",
+        teacher=f"{R}/tokenizers/teacher",
+        student=f"{R}/tokenizers/student",
+    output:
+        f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
+    params:
+        max_length=config["tokenize"]["max_length"],
+        max_prompt_length=config["tokenize"]["max_prompt_length"],
+        shard=lambda w: scatter_index(w.scatteritem)[0],
+        shards=lambda w: scatter_index(w.scatteritem)[1],
+    wildcard_constraints:
+        split="train|valid|test",
+    log:
+        f"{R}/logs/tokenize/{{split}}-{{scatteritem}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "TOKENIZERS_PARALLELISM=false prefkd tokenize --data {input.data} --out {output}"
+        " --teacher {input.teacher} --student {input.student}"
+        " --max-length {params.max_length} --max-prompt-length {params.max_prompt_length}"
+        " --shard {params.shard} --shards {params.shards} > {log} 2>&1"
+
+
+rule alignment_stats:
+    input:
+        **{
+            split: gather.shards(f"{R}/tokens/{split}/shard-{{scatteritem}}.arrow")
+            for split in SPLITS
+        },
+    output:
+        f"{R}/stats/alignment.json",
+    params:
+        shard_args=lambda w, input: " ".join(
+            f"{split}={path}" for split in SPLITS for path in input[split]
+        ),
+    log:
+        f"{R}/logs/alignment_stats.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "prefkd alignment-stats --out {output} {params.shard_args} > {log} 2>&1"
