@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import sys
 import tempfile
 from collections import Counter
@@ -402,6 +403,7 @@ def _normalise_one(row, fmt: str, special) -> dict:
             raise _Drop("prompt_mismatch")
     else:
         raise PrefkdError(f"Unknown format '{fmt}'; use one of pairs, messages, hh.")
+    prompt, chosen, rejected, changed = _nfc(prompt, chosen, rejected)
     if fmt != "pairs" and prompt and prompt[-1]["role"] != "user":
         # A conversation whose final assistant turn does not answer a user turn.
         raise _Drop("unparseable_transcript")
@@ -415,12 +417,26 @@ def _normalise_one(row, fmt: str, special) -> dict:
         special.search(chosen) or special.search(rejected) or any(special.search(m["content"]) for m in prompt)
     ):
         raise _Drop("special_token_in_text")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "_nfc_changed": changed}
 
 
-def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ()) -> tuple[list[dict], Counter, dict]:
-    """Normalise and filter ``rows``; return ``(records, drop_counts, examples)``.
+def _nfc(prompt, chosen, rejected):
+    """Unicode NFC of every text (tokenizers such as Qwen's normalise to NFC; aligning
+    in bytes needs the text both tokenizers actually see). Returns the texts and
+    whether anything changed."""
+    def norm(text):
+        return unicodedata.normalize("NFC", text) if isinstance(text, str) else text
 
+    new_prompt = [{**m, "content": norm(m["content"])} for m in prompt]
+    new_chosen, new_rejected = norm(chosen), norm(rejected)
+    changed = new_chosen != chosen or new_rejected != rejected or new_prompt != prompt
+    return new_prompt, new_chosen, new_rejected, changed
+
+
+def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ()) -> tuple[list[dict], Counter, dict, int]:
+    """Normalise and filter ``rows``; return ``(records, drop_counts, examples, nfc_changed)``.
+
+    ``nfc_changed`` counts kept rows whose text changed under Unicode NFC (not a drop).
     ``drop_counts`` has every reason in :data:`DROP_REASONS` (zeros included);
     ``examples`` maps every reason to up to five source row indices.
     """
@@ -431,6 +447,7 @@ def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ())
     drops: Counter = Counter({reason: 0 for reason in DROP_REASONS})
     examples: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     records: list[dict] = []
+    nfc_changed = 0
     for index, row in enumerate(rows):
         try:
             rec = _normalise_one(row, fmt, special)
@@ -439,6 +456,8 @@ def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ())
             if len(examples[drop.reason]) < MAX_EXAMPLES:
                 examples[drop.reason].append(index)
             continue
+        if rec.pop("_nfc_changed"):
+            nfc_changed += 1
         out = {"pair_id": index, **rec}
         for key in present:
             value = row.get(key)
@@ -447,7 +466,7 @@ def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ())
             else:
                 out[key] = _planted(value)
         records.append(out)
-    return records, drops, examples
+    return records, drops, examples, nfc_changed
 
 
 # --------------------------------------------------------------------------------------
@@ -563,7 +582,7 @@ def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str
     """Run the whole stage; write the three splits and ``filter_report.json``; return the report."""
     split_sizes(1, valid_fraction, test_fraction)  # validate fractions before any work
     rows, detected = load_source(source, fmt, hf_split=hf_split, hf_config=hf_config, max_pairs=max_pairs)
-    records, drops, examples = normalise_rows(rows, detected, special_tokens)
+    records, drops, examples, nfc_changed = normalise_rows(rows, detected, special_tokens)
     if not records:
         counts = ", ".join(f"{k}={v}" for k, v in drops.items() if v)
         raise PrefkdError(
@@ -581,6 +600,7 @@ def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str
         "rows_in": len(rows),
         "kept": len(records),
         "dropped": {reason: int(drops[reason]) for reason in DROP_REASONS},
+        "unicode_nfc_normalised": nfc_changed,
         "examples": {reason: list(examples[reason]) for reason in DROP_REASONS},
         "splits": {name: len(splits[name]) for name in SPLITS},
     }

@@ -1,6 +1,6 @@
 """Aligned spans of single texts, the independent invariant checker, and `prefkd spans`.
 
-The checker does not reuse the alignment arithmetic: it decodes every token to
+Texts are taken in Unicode NFC, as `prefkd prepare` writes them. The checker does not reuse the alignment arithmetic: it decodes every token to
 its bytes through the vocabulary and compares span by span with the text.
 """
 
@@ -10,6 +10,7 @@ import argparse
 import gzip
 import json
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def check_jsonl(path: Path, fields: list[str], teacher, student, batch: int = 51
         for field in fields:
             value = row.get(field)
             if isinstance(value, str):
-                buffer.append(value)
+                buffer.append(unicodedata.normalize("NFC", value))
             else:
                 summary["skipped"] += 1
         if len(buffer) >= batch:
@@ -247,7 +248,7 @@ def run(args) -> int:
     teacher = ModelTokens(load_tokenizer(args.teacher))
     student = ModelTokens(load_tokenizer(args.student))
     if args.text is not None:
-        (spans,) = align_texts([args.text], teacher, student)
+        (spans,) = align_texts([unicodedata.normalize("NFC", args.text)], teacher, student)
         if not spans.ok:
             raise PrefkdError("the tokens of one tokenizer do not decode back to the text, so it cannot be aligned in bytes.")
         _show(spans, teacher, student, sys.stdout)

@@ -163,3 +163,11 @@ def test_zero_pairs_and_negative(tmp_path):
 
     with pytest.raises(PrefkdError):
         generate_demo_pairs(-1)
+
+
+def test_demo_text_is_nfc_so_planted_ranges_survive_prepare():
+    import unicodedata
+
+    for pair in generate_demo_pairs(600, seed=1):
+        texts = [pair["chosen"], pair["rejected"]] + [m["content"] for m in pair["prompt"]]
+        assert all(unicodedata.normalize("NFC", t) == t for t in texts)

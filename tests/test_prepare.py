@@ -103,7 +103,7 @@ def test_pairs_jsonl(tmp_path, gz):
     path = write_jsonl(tmp_path / ("p.jsonl.gz" if gz else "p.jsonl"), PAIRS_ROWS, gz=gz)
     rows, fmt = load_source(path)
     assert fmt == "pairs" and len(rows) == 3
-    records, drops, _ = normalise_rows(rows, fmt)
+    records, drops, _, _ = normalise_rows(rows, fmt)
     assert sum(drops.values()) == 0
     assert records[2] == {
         "pair_id": 2,
@@ -130,7 +130,7 @@ def test_pairs_conversational_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     loaded, fmt = load_source(path)
     assert fmt == "pairs"
-    records, drops, _ = normalise_rows(loaded, fmt)
+    records, drops, _, _ = normalise_rows(loaded, fmt)
     assert sum(drops.values()) == 0
     assert records[0]["prompt"] == msgs(("system", "sys"), ("user", "Hi"))
     assert records[0]["chosen"] == "Hello there." and records[0]["rejected"] == "What."
@@ -140,7 +140,7 @@ def test_pairs_string_responses_with_message_prompt(tmp_path):
     rows = [{"prompt": msgs(("user", "Q")), "chosen": "yes", "rejected": "no"}]
     loaded, fmt = load_source(write_jsonl(tmp_path / "x.jsonl", rows))
     assert fmt == "pairs"
-    records, _, _ = normalise_rows(loaded, fmt)
+    records, _, _, _ = normalise_rows(loaded, fmt)
     assert records[0]["prompt"] == msgs(("user", "Q"))
 
 
@@ -149,7 +149,7 @@ def test_messages_arrow(tmp_path, stream):
     path = write_arrow(tmp_path / "m.arrow", MESSAGES_ROWS, stream=stream)
     rows, fmt = load_source(path)
     assert fmt == "messages"
-    records, drops, examples = normalise_rows(rows, fmt)
+    records, drops, examples, _ = normalise_rows(rows, fmt)
     assert [r["pair_id"] for r in records] == [0, 1]
     assert records[0]["prompt"] == msgs(("user", "hi?"))
     assert records[0]["chosen"] == "Hello!" and records[0]["rejected"] == "Go away."
@@ -195,7 +195,7 @@ def test_hh_shape(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl.gz", rows, gz=True)
     loaded, fmt = load_source(path)
     assert fmt == "hh"
-    records, drops, examples = normalise_rows(loaded, fmt)
+    records, drops, examples, _ = normalise_rows(loaded, fmt)
     assert len(records) == 1
     assert records[0]["prompt"] == msgs(("user", "Hi"), ("assistant", "Hello."), ("user", "Tell me a joke."))
     assert records[0]["chosen"] == "Why did the chicken cross the road?"
@@ -240,7 +240,7 @@ def test_every_drop_reason_pairs(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", lines)
     rows, fmt = load_source(path)
     assert fmt == "pairs" and len(rows) == 14
-    records, drops, examples = normalise_rows(rows, fmt, special_tokens=["<|endoftext|>", "<s>", ""])
+    records, drops, examples, _ = normalise_rows(rows, fmt, special_tokens=["<|endoftext|>", "<s>", ""])
     assert [r["pair_id"] for r in records] == [0, 13]
     assert dict(drops) == {
         "missing_field": 4,
@@ -256,7 +256,7 @@ def test_every_drop_reason_pairs(tmp_path):
     assert examples["prompt_mismatch"] == []
     assert sum(drops.values()) + len(records) == len(rows)
     # Without special tokens those rows survive.
-    records2, drops2, _ = normalise_rows(rows, fmt)
+    records2, drops2, _, _ = normalise_rows(rows, fmt)
     assert drops2["special_token_in_text"] == 0 and len(records2) == 4
 
 
@@ -264,7 +264,7 @@ def test_examples_capped_at_five():
     rows = [{"prompt": "q", "chosen": "x", "rejected": "x"} for _ in range(9)] + [
         {"prompt": "q", "chosen": "x", "rejected": "y"}
     ]
-    records, drops, examples = normalise_rows(rows, "pairs")
+    records, drops, examples, _ = normalise_rows(rows, "pairs")
     assert drops["identical_responses"] == 9 and examples["identical_responses"] == [0, 1, 2, 3, 4]
     assert set(drops) == set(DROP_REASONS) and set(examples) == set(DROP_REASONS)
 
@@ -274,7 +274,7 @@ def test_non_dict_rows_never_crash():
             {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
             {"prompt": [{"role": "user", "content": 7}], "chosen": "a", "rejected": "b"}]
     for fmt in ("pairs", "messages", "hh"):
-        records, drops, _ = normalise_rows(rows, fmt)
+        records, drops, _, _ = normalise_rows(rows, fmt)
         assert records == [] and sum(drops.values()) == len(rows)
 
 
@@ -284,7 +284,7 @@ def test_special_token_filter_in_prompt_messages():
         {"prompt": msgs(("user", "q")), "chosen": "a", "rejected": "b [INST]"},
         {"prompt": msgs(("user", "q <im_start> not quite")), "chosen": "a", "rejected": "b"},
     ]
-    records, drops, examples = normalise_rows(rows, "pairs", special_tokens=("<|im_start|>", "[INST]"))
+    records, drops, examples, _ = normalise_rows(rows, "pairs", special_tokens=("<|im_start|>", "[INST]"))
     assert [r["pair_id"] for r in records] == [2]
     assert examples["special_token_in_text"] == [0, 1]
 
@@ -541,7 +541,7 @@ HH_FIRST_REJECTED = (
 def test_real_hh_file(tmp_path):
     rows, fmt = load_source(HH_FILE)
     assert fmt == "hh" and len(rows) == 2312
-    records, drops, examples = normalise_rows(rows, fmt)
+    records, drops, examples, _ = normalise_rows(rows, fmt)
     assert records[0]["pair_id"] == 0
     assert records[0]["prompt"] == HH_FIRST_PROMPT
     assert records[0]["chosen"] == HH_FIRST_CHOSEN
@@ -578,3 +578,15 @@ def test_real_hh_file(tmp_path):
     ]
     assert len(stored) == 1
     assert stored[0]["prompt"] == HH_FIRST_PROMPT and stored[0]["chosen"] == HH_FIRST_CHOSEN
+
+
+def test_text_is_nfc_normalised_and_counted():
+    rows = [
+        {"prompt": "cafe\u0301?", "chosen": "A\u030a is \u212b", "rejected": "no"},
+        {"prompt": "plain", "chosen": "yes", "rejected": "no"},
+    ]
+    records, drops, _, nfc_changed = normalise_rows(rows, "pairs")
+    assert nfc_changed == 1
+    assert records[0]["prompt"][0]["content"] == "caf\u00e9?"
+    assert records[0]["chosen"] == "\u00c5 is \u00c5"
+    assert sum(drops.values()) == 0
