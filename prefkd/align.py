@@ -249,28 +249,39 @@ class Alignment:
 
 
 def align(t_starts, t_splits, s_starts, s_splits, n_bytes) -> Alignment:
-    """Common-cut spans for a batch; every row must have at least one token per side."""
+    """Common-cut spans for a batch.
+
+    Precondition (what ``token_starts`` returns): every row has at least one token
+    per side, and each row's starts are non-decreasing and begin at byte 0.
+    Rows are folded into one sorted key space (``row * width + byte``), so the
+    whole batch is a single merge of two sorted arrays: one searchsorted finds the
+    common cuts and a running count of cuts gives every token its span.
+    """
     rows = len(n_bytes)
     width = int(n_bytes.max(initial=0)) + 2
     t_row = row_index(t_splits)
     s_row = row_index(s_splits)
     t_keys = t_row * width + t_starts
     s_keys = s_row * width + s_starts
-    row_zero = np.arange(rows, dtype=np.int64) * width
-    common = np.union1d(np.intersect1d(t_keys, s_keys), row_zero)
-    span_row = common // width
-    span_splits = np.searchsorted(span_row, np.arange(rows + 1, dtype=np.int64), side="left").astype(np.int64)
+    for keys, starts, splits in ((t_keys, t_starts, t_splits), (s_keys, s_starts, s_splits)):
+        if (np.diff(splits) == 0).any() or (starts[splits[:-1]] != 0).any() or (np.diff(keys) < 0).any():
+            raise ValueError("align needs, per row, at least one token and non-decreasing starts from byte 0")
+    pos = np.searchsorted(s_keys, t_keys)  # first student token at or after each teacher start
+    t_cut = s_keys[np.minimum(pos, len(s_keys) - 1)] == t_keys
+    t_cut[1:] &= t_keys[1:] != t_keys[:-1]  # a cut counts once: at its first teacher token
+    s_cut = np.zeros(len(s_keys), dtype=bool)
+    s_cut[pos[t_cut]] = True  # ... and at its first student token
+    common = t_keys[t_cut]  # sorted, distinct, includes every row's byte 0
+    span_row = t_row[t_cut]
+    span_splits = splits_from_lengths(np.bincount(span_row, minlength=rows))
     span_start = common - span_row * width
     # a span ends where the next one in its row starts, the last at the text end
     span_end = np.empty_like(span_start)
     span_end[:-1] = span_start[1:]
-    last = span_splits[1:] - 1
-    span_end[last] = n_bytes
-    t_global = np.searchsorted(common, t_keys, side="right") - 1
-    s_global = np.searchsorted(common, s_keys, side="right") - 1
+    span_end[span_splits[1:] - 1] = n_bytes
     return Alignment(
-        teacher_span=(t_global - span_splits[t_row]).astype(np.int32),
-        student_span=(s_global - span_splits[s_row]).astype(np.int32),
+        teacher_span=(np.cumsum(t_cut) - 1 - span_splits[t_row]).astype(np.int32),
+        student_span=(np.cumsum(s_cut) - 1 - span_splits[s_row]).astype(np.int32),
         span_ends=span_end,
         span_splits=span_splits,
     )

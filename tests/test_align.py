@@ -271,3 +271,11 @@ def test_batched_equals_one_by_one(models):
         assert spans.span_ends.tolist() == alone.span_ends.tolist()
         assert spans.teacher_span.tolist() == alone.teacher_span.tolist()
         assert spans.student_span.tolist() == alone.student_span.tolist()
+
+
+def test_align_rejects_inputs_that_break_its_precondition():
+    one = np.array([0, 1], dtype=np.int64)
+    with pytest.raises(ValueError):
+        A.align(np.array([1]), one, np.array([0]), one, np.array([3]))  # row does not start at 0
+    with pytest.raises(ValueError):
+        A.align(np.array([0, 2, 1]), np.array([0, 3]), np.array([0]), one, np.array([3]))  # decreasing
