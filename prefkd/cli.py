@@ -24,6 +24,11 @@ COMMANDS = {
         "run_gather",
         "merge token-shard statistics into stats/alignment.json",
     ),
+    "model": ("prefkd.models", "add_arguments", "run", "build a tiny demo model or fetch a model into a HF dir"),
+    "train": ("prefkd.train", "add_arguments", "run", "train one stage (SFT or a preference loss) with accelerate"),
+    "reverse": ("prefkd.shards", "add_reverse_arguments", "run_reverse", "write the reversed dataset of a shard (chosen <-> rejected)"),
+    "signals": ("prefkd.signals", "add_arguments", "run", "per-unit weights and reference log-probs of one token shard"),
+    "weights-stats": ("prefkd.signals", "add_gather_arguments", "run_gather", "merge signal-shard statistics into stats/weights.json"),
     "spans": ("prefkd.spans", "add_arguments", "run", "show aligned spans of a text, or check every invariant on a JSONL file"),
 }
 

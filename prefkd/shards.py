@@ -104,3 +104,44 @@ def shard_stats(path: str | Path) -> dict:
         meta = pa.ipc.open_file(source).schema.metadata or {}
     raw = meta.get(STATS_KEY)
     return json.loads(raw) if raw else {}
+
+
+def swap_sides(table: pa.Table) -> pa.Table:
+    """The reversed dataset: chosen and rejected exchanged in every column that names a side."""
+    names = table.column_names
+    rename = {}
+    for name in names:
+        if "chosen" in name:
+            rename[name] = name.replace("chosen", "rejected")
+        elif "rejected" in name:
+            rename[name] = name.replace("rejected", "chosen")
+    columns = [table.column(n) for n in names]
+    new_names = [rename.get(n, n) for n in names]
+    swapped = pa.table(dict(zip(new_names, columns)))
+    # keep the original column order
+    return swapped.select(names).replace_schema_metadata(table.schema.metadata)
+
+
+def reverse_shard(src: str | Path, dst: str | Path) -> int:
+    """Write the reversed dataset of a token or signal shard (chosen <-> rejected); returns rows."""
+    src = Path(src)
+    with pa.memory_map(str(src), "r") as source:
+        kind = (pa.ipc.open_file(source).schema.metadata or {}).get(KIND_KEY, b"tokens").decode()
+    table = read_shard(src, kind)
+    swapped = swap_sides(table)
+    meta = dict(swapped.schema.metadata or {})
+    meta[b"prefkd.reversed"] = b"true" if meta.get(b"prefkd.reversed") != b"true" else b"false"
+    stats = json.loads(meta.pop(STATS_KEY)) if STATS_KEY in meta else None
+    write_shard(swapped.replace_schema_metadata(meta), dst, kind=kind, stats=stats)
+    return swapped.num_rows
+
+
+def add_reverse_arguments(p) -> None:
+    p.add_argument("--in", dest="src", required=True, type=Path, help="token or signal shard")
+    p.add_argument("--out", required=True, type=Path, help="reversed shard to write")
+
+
+def run_reverse(args) -> int:
+    rows = reverse_shard(args.src, args.out)
+    print(f"wrote {args.out}: {rows} pairs with chosen and rejected exchanged")
+    return 0

@@ -427,7 +427,11 @@ def materialize_tokenizer(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
-        if source.startswith("builtin:"):
+        if source == "builtin:smollm2-135m-instruct":
+            from prefkd.models import materialize_smollm2_tokenizer  # the tokenizer ships inside the GGUF
+
+            materialize_smollm2_tokenizer(tmp, wheel_dir)
+        elif source.startswith("builtin:"):
             build_builtin(source.removeprefix("builtin:"), tmp, wheel_dir)
         else:
             _copy_tokenizer(source, tmp, trust_remote_code)

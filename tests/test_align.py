@@ -7,12 +7,13 @@ import unicodedata
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prefkd import align as A
 from prefkd.spans import align_texts, check_spans
 from prefkd.tokenize_align import ModelTokens
+from prefkd.tokenizers import special_token_strings
 
 
 def make_vocab(pieces: list[bytes], prefix_space: bool = False) -> A.ByteVocab:
@@ -247,6 +248,9 @@ nfc_text = st.text(min_size=1, max_size=120).map(lambda s: unicodedata.normalize
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_unicode_invariants(models, text):
     teacher, student = models
+    # prepare drops texts holding a literal special token (e.g. "[INST]"); so do we here
+    specials = special_token_strings(teacher.tokenizer) + special_token_strings(student.tokenizer)
+    assume(not any(s in text for s in specials))
     (spans,) = align_texts([text], teacher, student)
     assert spans.ok, "tokens must decode to exactly the text bytes"
     problems = check_spans(text.encode(), spans.teacher_ids, spans.teacher_span, spans.student_ids, spans.student_span, spans.span_ends, teacher.vocab, student.vocab)
