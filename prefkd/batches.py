@@ -46,7 +46,14 @@ def unit_ids(row: dict, role: str, side: str, unit: str) -> tuple[np.ndarray, in
 class PairTable:
     """All rows of some token shards (optionally joined with signal shards by pair_id)."""
 
-    def __init__(self, token_paths: Sequence[str | Path], signal_paths: Sequence[str | Path] | None = None):
+    def __init__(
+        self,
+        token_paths: Sequence[str | Path],
+        signal_paths: Sequence[str | Path] | None = None,
+        ref_paths: Sequence[str | Path] | None = None,
+    ):
+        """``ref_paths``: other signal shards whose reference log-probs replace those of
+        ``signal_paths`` (e.g. CTPD weights with the student's own SFT as reference)."""
         if not token_paths:
             raise PrefkdError("no token shards given.")
         self.table = pa.concat_tables([read_shard(p, "tokens") for p in token_paths])
@@ -54,17 +61,24 @@ class PairTable:
         self.signals = None
         self.signal_unit = None
         if signal_paths:
-            sig = pa.concat_tables([read_shard(p, "signals") for p in signal_paths])
-            index = {int(pid): i for i, pid in enumerate(sig.column("pair_id").to_numpy())}
-            missing = [int(p) for p in self.pair_ids if int(p) not in index]
-            if missing:
-                raise PrefkdError(
-                    f"the signal shards lack {len(missing)} of {len(self.pair_ids)} pairs (e.g. pair_id {missing[0]}); rerun the signals stage."
-                )
-            order = pa.array([index[int(p)] for p in self.pair_ids], type=pa.int64())
-            self.signals = sig.take(order)
-            units = {(sig.schema.metadata or {}).get(b"prefkd.unit", b"").decode()}
-            self.signal_unit = units.pop()
+            self.signals = self._joined(signal_paths)
+            self.signal_unit = (self.signals.schema.metadata or {}).get(b"prefkd.unit", b"").decode()
+            if ref_paths:
+                ref = self._joined(ref_paths)
+                for side in SIDES:
+                    name = f"{side}_ref_logps"
+                    self.signals = self.signals.set_column(self.signals.column_names.index(name), name, ref.column(name))
+
+    def _joined(self, paths) -> pa.Table:
+        """Signal shards reordered to this table's pair order; every pair must be there."""
+        sig = pa.concat_tables([read_shard(p, "signals") for p in paths])
+        index = {int(pid): i for i, pid in enumerate(sig.column("pair_id").to_numpy())}
+        missing = [int(p) for p in self.pair_ids if int(p) not in index]
+        if missing:
+            raise PrefkdError(
+                f"the signal shards lack {len(missing)} of {len(self.pair_ids)} pairs (e.g. pair_id {missing[0]}); rerun the signals stage."
+            )
+        return sig.take(pa.array([index[int(p)] for p in self.pair_ids], type=pa.int64()))
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -123,6 +137,30 @@ def collate_pairs(rows: list[dict], role: str, unit: str, pad_id: int, with_sign
     m = int(batch["num_units"].max())
     batch["unit_mask"] = (torch.arange(m)[None, :] < batch["num_units"][:, None]).float()
     return batch
+
+
+def collate_chosen_views(rows: list[dict], student_pad: int, teacher_pad: int) -> tuple[dict, dict]:
+    """Student and teacher views of the same chosen responses, for a KD term.
+
+    Both carry span units (shared across tokenizers); a row whose two views
+    disagree on the number of units is a misaligned batch and stops the run.
+    """
+    views = []
+    for role, pad in (("student", student_pad), ("teacher", teacher_pad)):
+        b = collate_pairs(rows, role, "span", pad)
+        n = len(rows)
+        view = {k: b[k][:n] for k in ("input_ids", "attention_mask", "unit_ids", "num_units")}
+        view["target_mask"] = (view["unit_ids"] >= 0).float()
+        view["pair_id"] = b["pair_id"]
+        views.append(view)
+    student, teacher = views
+    bad = (student["num_units"] != teacher["num_units"]).nonzero().flatten().tolist()
+    if bad:
+        raise PrefkdError(
+            f"pair {rows[bad[0]]['pair_id']}: the student view has {int(student['num_units'][bad[0]])} spans, "
+            f"the teacher view {int(teacher['num_units'][bad[0]])}; teacher and student rows are misaligned."
+        )
+    return student, teacher
 
 
 def collate_sft(rows: list[dict], role: str, pad_id: int) -> dict:

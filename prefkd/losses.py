@@ -46,42 +46,97 @@ def _head_chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch
     return _chunk_logps(head(hidden), labels)
 
 
-# Config keys of models whose logits are not the plain head projection (scaled or capped).
-_LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h W^T + b)[label] for rows of h, with a hand-written backward.
 
-
-def _decoder_and_head(model):
-    """(decoder, head) when logits are exactly ``head(decoder(...).last_hidden_state)``, else (None, None)."""
-    head = model.get_output_embeddings()
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    cfg = model.config.get_text_config()
-    if head is None or base is None or any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORM_KEYS):
-        return None, None
-    return base, head
-
-
-def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Token log-probs of ``input_ids`` under a causal LM, LM head applied chunk by chunk.
-
-    With gradients on, each chunk's logits are recomputed in backward
-    (activation checkpointing), so peak memory holds one chunk of logits.
-    Models whose head is not a plain projection fall back to full logits.
+    Saves only h, the label and the log-normaliser; backward recomputes the logits
+    and turns them into the gradient in place (softmax minus one-hot), so one
+    [N, V] buffer is alive at a time and the element-wise passes are few.
     """
-    base, head = _decoder_and_head(model)
-    if base is None:
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse)
+        ctx.has_bias = bias is not None
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        g = torch.nn.functional.linear(hidden, weight, bias).float()
+        g.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -grad * softmax
+        g.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1).to(g.dtype))  # + grad * one-hot
+        g = g.to(hidden.dtype)
+        grad_hidden = g @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = g.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _plain_linear(head) -> bool:
+    """A head whose weight is a full local tensor (not sharded by ZeRO-3 / FSDP)."""
+    w = getattr(head, "weight", None)
+    return (
+        isinstance(head, torch.nn.Linear)
+        and w is not None
+        and w.numel() > 0
+        and not hasattr(w, "ds_id")
+        and type(w).__name__ not in ("DTensor", "FlatParameter")
+    )
+
+
+def model_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: torch.Tensor | None = None, chunk: int = 1024
+) -> torch.Tensor:
+    """Token log-probs of ``input_ids`` under a causal LM, the LM head applied in chunks.
+
+    ``needed`` [B, T] (bool) marks the positions whose log-prob is wanted (response
+    tokens); the head then runs only on the hidden states that predict them, so a
+    long prompt costs no vocabulary projection. Other positions get 0.
+
+    The forward goes through ``model`` itself (so DDP / DeepSpeed / FSDP wrappers see
+    it) asking for the final hidden states and the logits of one position only; the
+    head is then applied ``chunk`` positions at a time, each recomputed in backward
+    (activation checkpointing), so peak memory holds one chunk of logits. The one
+    position of logits the model did compute checks that logits really are
+    ``head(hidden)``; models where they are not (scaled or soft-capped logits) fall
+    back to full logits.
+    """
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the HF model in .module
+    head = inner.get_output_embeddings()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    plain = head is not None and out.logits.shape[1] == 1
+    if plain:
+        with torch.no_grad():
+            probe = head(hidden[:, -1:]).float()
+        plain = torch.allclose(probe, out.logits.float(), rtol=1e-3, atol=1e-4)
+    if not plain:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return token_logps(logits, input_ids, chunk)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        lp = token_logps(logits, input_ids)
+        return lp if needed is None else lp * needed
     batch, length = input_ids.shape
-    pieces = [hidden.new_zeros((batch, 1), dtype=torch.float32)]
-    for start in range(0, length - 1, chunk):
-        end = min(start + chunk, length - 1)
-        h, labels = hidden[:, start:end], input_ids[:, start + 1 : end + 1]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_head_chunk_logps, head, h, labels, use_reentrant=False))
+    want = torch.ones((batch, length - 1), dtype=torch.bool, device=input_ids.device) if needed is None else needed[:, 1:].bool()
+    h = hidden[:, :-1][want]  # [N, H]: the states that predict the wanted tokens
+    labels = input_ids[:, 1:][want]
+    pieces = []
+    fused = _plain_linear(head)
+    for start in range(0, h.shape[0], chunk):
+        hc, lc = h[start : start + chunk], labels[start : start + chunk]
+        if fused:
+            pieces.append(_LinearLogProbs.apply(hc, head.weight, head.bias, lc))
+        elif torch.is_grad_enabled() and hc.requires_grad:
+            pieces.append(checkpoint(_head_chunk_logps, head, hc, lc, use_reentrant=False))
         else:
-            pieces.append(_head_chunk_logps(head, h, labels))
-    return torch.cat(pieces, dim=1)
+            pieces.append(_head_chunk_logps(head, hc, lc))
+    values = torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
+    result = hidden.new_zeros((batch, length), dtype=torch.float32)
+    inner_view = torch.zeros((batch, length - 1), dtype=torch.float32, device=hidden.device).masked_scatter(want, values)
+    return torch.cat([result[:, :1], inner_view], dim=1)
 
 
 def span_logps(token_lp: torch.Tensor, unit_ids: torch.Tensor, num_units: int) -> torch.Tensor:

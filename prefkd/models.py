@@ -309,11 +309,13 @@ def build_tiny_model(arch: str, tokenizer_dir, out_dir, seed: int = 1, **overrid
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_model(model, tokenizer, out_dir, info: dict | None = None) -> None:
-    """Write ``model`` (safetensors) and ``tokenizer`` (object or tokenizer dir) to ``out_dir`` atomically."""
+def save_model(model, tokenizer, out_dir, info: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write ``model`` (safetensors) and ``tokenizer`` (object or tokenizer dir) to ``out_dir`` atomically.
+
+    ``state_dict`` overrides the weights written (e.g. gathered from ZeRO-3 shards)."""
     out_dir = Path(out_dir)
     with _atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         if not any(tmp.glob("*.safetensors")):
             raise PrefkdError(f"Saving the model to {out_dir} wrote no safetensors file.")
         if tokenizer is not None:

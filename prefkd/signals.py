@@ -104,7 +104,7 @@ def unit_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """[2B, M] unit log-probs and [2B, M] token counts per unit for a collated pair batch."""
     from prefkd.losses import model_token_logps, span_logps
 
-    lp = model_token_logps(model, batch["input_ids"], batch["attention_mask"])
+    lp = model_token_logps(model, batch["input_ids"], batch["attention_mask"], needed=batch["unit_ids"] >= 0)
     m = int(batch["num_units"].max())
     units = span_logps(lp, batch["unit_ids"], m)
     counts = span_logps(torch.ones_like(lp), batch["unit_ids"], m)
@@ -124,32 +124,63 @@ def _planted_masks(row: dict, side: str):
     return inside
 
 
-def compute_signals(rows: list[dict], role: str, unit: str, pos, neg, ref, spec: WeightSpec, pad_id: int, batch_size: int = 8, device="cpu"):
-    """Signals for a list of token-shard rows. ``pos``/``neg`` may be None (uniform weights)."""
+@dataclass
+class Scorer:
+    """A model and whose token ids (role) it scores."""
+
+    model: object
+    role: str
+    pad_id: int
+
+
+def compute_signals(rows: list[dict], unit: str, pos: Scorer | None, neg: Scorer | None, ref: Scorer, spec: WeightSpec, batch_size: int = 8, device="cpu"):
+    """Signals for a list of token-shard rows. ``pos``/``neg`` may be None (uniform or random weights).
+
+    Each scorer reads its own role's ids. With span units the roles may differ (the
+    spans are shared: a teacher pi+ against a student pi-, or a student reference);
+    with token units all scorers must share one role.
+    """
     from prefkd.batches import collate_pairs
 
     if (pos is None) != (neg is None):
         raise PrefkdError("give both a positive and a negative model, or neither.")
+    scorers = [x for x in (ref, pos, neg) if x is not None]
+    if unit == "token" and len({x.role for x in scorers}) > 1:
+        raise PrefkdError("token units need every model to score the same role's ids; use span units to mix roles.")
     if pos is None and spec.transform not in ("uniform", "random"):
         spec = WeightSpec(**{**asdict(spec), "transform": "uniform"})
     out = {f"{side}_{name}": [] for side in SIDES for name in ("weights", "ref_logps", "delta")}
     hist = {side: np.zeros(len(WEIGHT_BINS), dtype=np.int64) for side in SIDES}
     planted = {side: {"inside_sum": 0.0, "inside_n": 0, "outside_sum": 0.0, "outside_n": 0} for side in SIDES}
+    role = ref.role
     # Batch rows of similar length together (less padding); results go back in row order.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][f"{role}_chosen_input_ids"]) + len(rows[i][f"{role}_rejected_input_ids"]))
     results: dict[int, dict] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         chunk = [rows[i] for i in idx]
-        batch = collate_pairs(chunk, role, unit, pad_id)
-        dev = {k: v.to(device) for k, v in batch.items()}
-        ref_units, counts = unit_logps(ref, dev)
+        batches = {}
+        for x in scorers:
+            if x.role not in batches:
+                batch = collate_pairs(chunk, x.role, unit, x.pad_id)
+                batches[x.role] = {k: v.to(device) for k, v in batch.items()}
+        scored = {}
+
+        def score(x: Scorer):
+            key = (id(x.model), x.role)
+            if key not in scored:
+                scored[key] = unit_logps(x.model, batches[x.role])
+            return scored[key]
+
+        ref_units, _ = score(ref)
+        batch = batches[role]
         if pos is not None:
-            pos_units = ref_units if pos is ref else unit_logps(pos, dev)[0]
-            neg_units = ref_units if neg is ref else unit_logps(neg, dev)[0]
-            delta = pos_units - neg_units
+            (pos_units, pos_counts), (neg_units, neg_counts) = score(pos), score(neg)
+            width = min(pos_units.shape[1], neg_units.shape[1])  # same unit counts per row; padding may differ
             if spec.aggregation == "mean":
-                delta = delta / counts.clamp(min=1)
+                delta = pos_units[:, :width] / pos_counts[:, :width].clamp(min=1) - neg_units[:, :width] / neg_counts[:, :width].clamp(min=1)
+            else:
+                delta = pos_units[:, :width] - neg_units[:, :width]
         else:
             delta = torch.zeros_like(ref_units)
         n = len(chunk)
@@ -195,18 +226,18 @@ def compute_signals(rows: list[dict], role: str, unit: str, pos, neg, ref, spec:
     return pa.table(columns), stats
 
 
-def run_shard(tokens: Path, out: Path, role: str, unit: str, reference: str, pos: str | None, neg: str | None, spec: WeightSpec, batch_size: int = 8) -> dict:
+def run_shard(tokens: Path, out: Path, role: str, unit: str, reference: str, pos: str | None, neg: str | None, spec: WeightSpec, batch_size: int = 8, roles: dict | None = None) -> dict:
+    """One signal shard. ``role`` scores every model unless ``roles`` ({"ref"|"pos"|"neg": role}) says otherwise."""
     from prefkd.models import load_model
     from prefkd.tokenizers import load_tokenizer
 
     torch.manual_seed(spec.seed)
     table = read_shard(tokens, "tokens")
     rows = table.to_pylist()
-    tokenizer = load_tokenizer(reference)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    roles = {"ref": role, "pos": role, "neg": role, **(roles or {})}
     loaded: dict[str, object] = {}
 
-    def get(path):
+    def get(path, name):
         if path is None:
             return None
         key = str(Path(path).resolve())
@@ -214,13 +245,20 @@ def run_shard(tokens: Path, out: Path, role: str, unit: str, reference: str, pos
             model = load_model(path)
             model.eval()
             loaded[key] = model
-        return loaded[key]
+        tokenizer = load_tokenizer(path)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return Scorer(loaded[key], roles[name], pad_id)
 
-    ref_model, pos_model, neg_model = get(reference), get(pos), get(neg)
-    signals, stats = compute_signals(rows, role, unit, pos_model, neg_model, ref_model, spec, pad_id, batch_size)
-    meta = {b"prefkd.unit": unit.encode(), b"prefkd.role": role.encode(), b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode()}
+    ref_s, pos_s, neg_s = get(reference, "ref"), get(pos, "pos"), get(neg, "neg")
+    signals, stats = compute_signals(rows, unit, pos_s, neg_s, ref_s, spec, batch_size)
+    meta = {
+        b"prefkd.unit": unit.encode(),
+        b"prefkd.role": roles["ref"].encode(),
+        b"prefkd.roles": json.dumps(roles, sort_keys=True).encode(),
+        b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode(),
+    }
     signals = signals.replace_schema_metadata(meta)
-    stats.update(unit=unit, role=role, spec=asdict(spec))
+    stats.update(unit=unit, role=roles["ref"], roles=roles, spec=asdict(spec))
     write_shard(signals, out, kind="signals", stats=stats)
     return stats
 
@@ -242,10 +280,10 @@ def merge_weight_stats(parts: list[dict]) -> dict:
             outside = agg["outside_sum"] / max(1, agg["outside_n"])
             check[side] = {"inside": inside, "outside": outside, "inside_units": agg["inside_n"], "outside_units": agg["outside_n"]}
     if check:
-        # chosen weights should be higher inside the planted difference, rejected weights lower
-        check["finds_planted_differences"] = bool(
-            check.get("chosen", {}).get("inside", 0) > check.get("chosen", {}).get("outside", 0)
-            and check.get("rejected", {}).get("inside", 1) < check.get("rejected", {}).get("outside", 0)
+        # mu = +1 on chosen, -1 on rejected: on both sides the weight is high where the pair
+        # disagrees (good text in chosen, bad text in rejected), so inside > outside on both
+        check["finds_planted_differences"] = all(
+            check.get(side, {}).get("inside", 0) > check.get(side, {}).get("outside", float("inf")) for side in SIDES
         )
     out["planted_check"] = check
     if parts:
@@ -257,7 +295,9 @@ def merge_weight_stats(parts: list[dict]) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", required=True, type=Path, help="token shard")
     p.add_argument("--out", required=True, type=Path, help="signal shard to write")
-    p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="whose ids and units to score")
+    p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="whose ids every model scores")
+    for name in ("ref", "pos", "neg"):
+        p.add_argument(f"--{name}-role", choices=("teacher", "student"), default=None, help=f"override --role for the {name} model")
     p.add_argument("--unit", choices=("span", "token"), default="span")
     p.add_argument("--reference", required=True, help="reference model dir (its unit log-probs are stored)")
     p.add_argument("--pos", default=None, help="positive contrastive model dir (pi+)")
@@ -273,7 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     spec = WeightSpec(args.transform, args.aggregation, args.k, args.lower, args.upper, args.threshold, args.top_fraction, args.seed)
-    stats = run_shard(args.tokens, args.out, args.role, args.unit, args.reference, args.pos, args.neg, spec, args.batch_size)
+    roles = {name: getattr(args, f"{name}_role") for name in ("ref", "pos", "neg") if getattr(args, f"{name}_role")}
+    stats = run_shard(args.tokens, args.out, args.role, args.unit, args.reference, args.pos, args.neg, spec, args.batch_size, roles)
     print(json.dumps({"pairs": stats["pairs"], "units": stats["units"]}))
     return 0
 

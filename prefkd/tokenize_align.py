@@ -50,14 +50,20 @@ class ModelTokens:
         return values, A.splits_from_lengths(lengths)
 
     def prompt_ids(self, prompts: list[list[dict]], max_prompt_length: int):
-        """Chat-templated prompt ids, left-truncated to ``max_prompt_length`` (BOS kept)."""
+        """Chat-templated prompt ids, left-truncated to ``max_prompt_length`` (BOS kept).
+
+        Returns (values, splits, number truncated, per-row bool: the template refused the prompt)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise PrefkdError(
                 f"tokenizer {self.tokenizer.name_or_path!r} has no chat template; set the model's chat_template option."
             )
-        rendered = [
-            self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts
-        ]
+        rendered, failed = [], np.zeros(len(prompts), dtype=bool)
+        for i, p in enumerate(prompts):
+            try:
+                rendered.append(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False))
+            except Exception:  # jinja's TemplateError and friends: a row the template rejects
+                rendered.append("")
+                failed[i] = True
         values, splits = self.encode(rendered)
         lengths = np.diff(splits)
         over = lengths > max_prompt_length
@@ -74,7 +80,7 @@ class ModelTokens:
             lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
             values = np.concatenate(rows).astype(np.int32) if rows else values
             splits = A.splits_from_lengths(lengths)
-        return values, splits, int(over.sum())
+        return values, splits, int(over.sum()), failed
 
 
 def _utf8(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,9 +110,12 @@ def tokenize_pairs(records: list[dict], teacher: ModelTokens, student: ModelToke
     prompts = {}
     stats = {"pairs_in": n, "prompts_truncated": {}}
     for role, model in models.items():
-        values, splits, n_cut = model.prompt_ids([r["prompt"] for r in records], max_prompt_length)
+        values, splits, n_cut, refused = model.prompt_ids([r["prompt"] for r in records], max_prompt_length)
         prompts[role] = (values, splits)
         stats["prompts_truncated"][role] = n_cut
+        # e.g. two assistant turns in a row, which strict templates (Mistral's) refuse
+        drops[f"{role}_chat_template_rejects_prompt"] += int((refused & keep).sum())
+        keep &= ~refused
 
     per_side = {}
     for side in SIDES:

@@ -27,7 +27,7 @@ import torch
 
 from prefkd.errors import PrefkdError
 
-STAGES = ("sft", "preference")
+STAGES = ("sft", "preference", "kd")
 STATE_FILE = "prefkd_state.json"
 
 
@@ -58,6 +58,11 @@ class TrainSettings:
     stop_after: int = 0  # stop (as if interrupted) after this many optimizer steps; for resume tests
     eval_tokens: list[str] = field(default_factory=list)
     eval_signals: list[str] = field(default_factory=list)
+    ref_signals: list[str] = field(default_factory=list)  # reference log-probs from another signal set
+    kd: str | None = None  # online KD term (dskd, uld, mined, cdm) on the chosen response
+    kd_teacher: str | None = None  # teacher model dir for the KD term
+    kd_weight: float = 0.5  # kappa of a KD stage ((1 - kappa) CE + kappa KD), alpha added to a preference loss
+    temperature: float = 2.0
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed."""
@@ -97,10 +102,15 @@ def _latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _compute(model, batch, s: TrainSettings, extra_loss=None):
+def _compute(model, batch, s: TrainSettings, kd=None):
     from prefkd.losses import model_token_logps, preference_loss, sft_loss, span_logps
 
-    lp = model_token_logps(model, batch["input_ids"], batch["attention_mask"])
+    metrics: dict[str, float] = {}
+    if s.stage == "kd":
+        loss, metrics = _kd_term(model, batch, s, kd, with_ce=True)
+        return loss, metrics
+    needed = batch["label_mask"] > 0 if s.stage == "sft" else batch["unit_ids"] >= 0
+    lp = model_token_logps(model, batch["input_ids"], batch["attention_mask"], needed=needed)
     if s.stage == "sft":
         loss = sft_loss(lp, batch["label_mask"])
         metrics = {"loss": float(loss.detach()), "nll": float(loss.detach())}
@@ -114,22 +124,83 @@ def _compute(model, batch, s: TrainSettings, extra_loss=None):
         out = preference_loss(pc, pr, rc, rr, wc, wr, mc, mr, s.beta)
         loss = out.loss
         metrics = out.metrics()
-    if extra_loss is not None:
-        term, extra_metrics = extra_loss(model, batch)
-        loss = loss + term
-        metrics.update(extra_metrics)
-        metrics["loss"] = float(loss.detach())
+        if kd is not None:
+            term, kd_metrics = _kd_term(model, batch, s, kd, with_ce=False)
+            loss = loss + s.kd_weight * term
+            metrics.update(kd_metrics)
+            metrics["preference_loss"] = metrics["loss"]
+            metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
-def _collate_fn(table, s: TrainSettings, pad_id: int):
-    from prefkd.batches import collate_pairs, collate_sft
+def _kd_term(model, batch, s: TrainSettings, kd, with_ce: bool):
+    """The KD term on the chosen responses (student and teacher views of the same pairs)."""
+    from prefkd.kd import KDSide, kd_mix
+    from prefkd.losses import sft_loss, token_logps
+
+    st, te = batch["kd_student"], batch["kd_teacher"]
+    s_out = model(input_ids=st["input_ids"], attention_mask=st["attention_mask"], use_cache=False, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = kd.teacher_model(
+            input_ids=te["input_ids"], attention_mask=te["attention_mask"], use_cache=False, output_hidden_states=True
+        )
+    student = KDSide(s_out.logits, s_out.hidden_states[-1], st["input_ids"], st["unit_ids"], st["target_mask"])
+    teacher = KDSide(t_out.logits, t_out.hidden_states[-1], te["input_ids"], te["unit_ids"], te["target_mask"])
+    term, metrics = kd.loss(student, teacher)
+    metrics = {f"kd/{k}": float(v) for k, v in metrics.items()}
+    metrics["kd/loss"] = float(term.detach())
+    if not with_ce:
+        return term, metrics
+    ce = sft_loss(token_logps(s_out.logits, st["input_ids"]), st["target_mask"])
+    loss = kd_mix(ce, term, s.kd_weight)
+    metrics.update(loss=float(loss.detach()), nll=float(ce.detach()))
+    return loss, metrics
+
+
+class _KD:
+    """The frozen teacher and the KD loss module of a stage with a KD term."""
+
+    def __init__(self, s: TrainSettings, student_model, student_tokenizer, device):
+        from prefkd.kd import build_kd
+        from prefkd.models import load_model
+        from prefkd.tokenizers import load_tokenizer
+
+        if not s.kd_teacher:
+            raise PrefkdError("a KD term needs the teacher model; pass --kd-teacher DIR.")
+        self.tokenizer = load_tokenizer(s.kd_teacher)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.teacher_model = load_model(s.kd_teacher).to(device).eval()
+        for p in self.teacher_model.parameters():
+            p.requires_grad_(False)
+        self.loss = build_kd(
+            s.kd,
+            s.temperature,
+            teacher_tokenizer=self.tokenizer,
+            student_tokenizer=student_tokenizer,
+            student_head=student_model.get_output_embeddings(),
+            teacher_head=self.teacher_model.get_output_embeddings(),
+            student_dim=student_model.config.get_text_config().hidden_size,
+            teacher_dim=self.teacher_model.config.get_text_config().hidden_size,
+        ).to(device)
+
+    def trainable(self) -> list:
+        """Parameters of the KD module that learn (DSKD's projectors), not the heads it borrows."""
+        borrowed = {id(p) for p in self.teacher_model.parameters()}
+        return [p for p in self.loss.parameters() if p.requires_grad and id(p) not in borrowed]
+
+
+def _collate_fn(table, s: TrainSettings, pad_id: int, teacher_pad_id: int | None = None):
+    from prefkd.batches import collate_chosen_views, collate_pairs, collate_sft
 
     def collate(indices):
         rows = table.rows(indices)
         if s.stage == "sft":
             return collate_sft(rows, s.role, pad_id)
-        return collate_pairs(rows, s.role, s.unit, pad_id, with_signals=True)
+        batch = {} if s.stage == "kd" else collate_pairs(rows, s.role, s.unit, pad_id, with_signals=True)
+        if s.kd:
+            student, teacher = collate_chosen_views(rows, pad_id, teacher_pad_id)
+            batch.update(kd_student=student, kd_teacher=teacher, pair_id=student["pair_id"])
+        return batch
 
     return collate
 
@@ -149,7 +220,7 @@ def evaluate_preference(model, table, s: TrainSettings, pad_id: int, batch_size:
         rows = table.rows(range(start, min(start + batch_size, len(table))))
         b = collate_pairs(rows, s.role, s.unit, pad_id, with_signals=True)
         b = {k: v.to(device) for k, v in b.items()}
-        lp = model_token_logps(model, b["input_ids"], b["attention_mask"])
+        lp = model_token_logps(model, b["input_ids"], b["attention_mask"], needed=b["unit_ids"] >= 0)
         units = span_logps(lp, b["unit_ids"], b["unit_mask"].shape[1])
         pc, pr = units.chunk(2)
         rc, rr = b["ref_logps"].chunk(2)
@@ -165,7 +236,22 @@ def evaluate_preference(model, table, s: TrainSettings, pad_id: int, batch_size:
     return {"accuracy": correct / max(total, 1), "margin": margin_sum / max(total, 1), "loss": loss_sum / max(total, 1), "pairs": total}
 
 
-def train(s: TrainSettings, extra_loss_factory=None) -> dict:
+def _cpu_only() -> bool:
+    """No accelerator: tell accelerate, so torchrun-launched processes form a gloo group."""
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available())
+
+
+def _write_rank_audit(ckpt_dir: Path, accelerator, model, pairs_seen: list[int]) -> None:
+    """Per rank: which pairs it trained on (since the last resume) and a checksum of its parameters."""
+    digest = hashlib.sha256()
+    for _, p in sorted(accelerator.unwrap_model(model).named_parameters()):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    info = {"rank": accelerator.process_index, "pairs_seen": pairs_seen, "param_sha256": digest.hexdigest()}
+    (ckpt_dir / f"rank-{accelerator.process_index}.json").write_text(json.dumps(info))
+
+
+def train(s: TrainSettings) -> dict:
     """Run one training stage; returns the final metrics. Resumes from a matching checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -181,7 +267,9 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
     if s.stage == "preference" and not s.signals:
         raise PrefkdError("a preference stage needs signal shards (reference log-probs and weights); pass --signals.")
     # The schedule is counted in optimizer steps per process, so the scheduler steps once per sync.
-    accelerator = Accelerator(gradient_accumulation_steps=s.grad_accum, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=s.grad_accum, step_scheduler_with_optimizer=False, cpu=_cpu_only()
+    )
     set_seed(s.seed)
     out = Path(s.out)
     ckpt_dir = Path(s.checkpoint_dir) if s.checkpoint_dir else out.with_name(out.name + ".checkpoints")
@@ -193,18 +281,26 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    table = PairTable(s.tokens, s.signals if s.stage == "preference" else None)
+    table = PairTable(s.tokens, s.signals if s.stage == "preference" else None, s.ref_signals or None)
     n = len(table)
     world = accelerator.num_processes
     per_process, steps_per_epoch, total_steps, warmup = schedule_lengths(
         n, s.batch_size, world, s.grad_accum, s.epochs, s.warmup_ratio
     )
+    if s.stage == "kd" and not s.kd:
+        raise PrefkdError("a kd stage needs a KD term; pass --kd dskd|uld|mined|cdm.")
+    kd = _KD(s, model, tokenizer, accelerator.device) if s.kd else None
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for name, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
-    )
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kd is not None and kd.trainable():
+        groups.append({"params": kd.trainable(), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
     scheduler = get_scheduler(s.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # DeepSpeed sizes its buffers from these; our loaders are made per epoch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = s.batch_size
+        plugin.deepspeed_config["gradient_accumulation_steps"] = s.grad_accum
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, batches_done = 0, 0, 0
@@ -216,13 +312,17 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
         accelerator.print(f"resuming from {resume} at step {step}")
 
     metrics_path = ckpt_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None and metrics_path.exists():
-            metrics_path.unlink()
-    collate = _collate_fn(table, s, pad_id)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and metrics_path.exists():
+        # a fresh run starts a new log; a resumed one drops what was logged after its checkpoint
+        kept = [] if resume is None else [
+            line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step
+        ]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    collate = _collate_fn(table, s, pad_id, kd.pad_id if kd is not None else None)
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"{s.stage} {out.name}")
     window: list[dict] = []
+    pairs_seen: list[int] = []  # this rank's pair ids, for the data-parallel audit
     started = time.time()
     interrupted = False
 
@@ -249,7 +349,7 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
         seen = batches_done
         for batch in loader:
             with accelerator.accumulate(model):
-                loss, metrics = _compute(model, batch, s, extra_loss_factory)
+                loss, metrics = _compute(model, batch, s, kd)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and s.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
@@ -258,6 +358,7 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
                     scheduler.step()
                 optimizer.zero_grad()
             seen += 1
+            pairs_seen.extend(int(p) for p in batch["pair_id"].tolist())
             window.append(metrics)
             if accelerator.sync_gradients:
                 step += 1
@@ -288,17 +389,19 @@ def train(s: TrainSettings, extra_loss_factory=None) -> dict:
         accelerator.print(f"stopped after step {step} as asked (--stop-after); rerun to resume")
         return {"step": step, "interrupted": True}
 
+    _write_rank_audit(ckpt_dir, accelerator, model, pairs_seen)
     accelerator.wait_for_everyone()
     final = {"step": step, "epochs": s.epochs, "pairs": n, "world": world, "seconds": round(time.time() - started, 2)}
     unwrapped = accelerator.unwrap_model(model)
-    if s.stage == "preference" and s.eval_tokens and accelerator.is_main_process:
+    if s.stage != "sft" and s.eval_tokens and s.eval_signals and accelerator.is_main_process:
         from prefkd.batches import PairTable as _PT
 
         held_out = _PT(s.eval_tokens, s.eval_signals)
-        final["eval"] = evaluate_preference(unwrapped, held_out, s, pad_id)
+        unit = held_out.signal_unit or s.unit
+        final["eval"] = evaluate_preference(unwrapped, held_out, TrainSettings(**{**asdict(s), "unit": unit}), pad_id)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, out)  # TODO state_dict for ZeRO-3
+        save_model(unwrapped, tokenizer, out, state_dict=state_dict)
         shutil.copy(metrics_path, out / "metrics.jsonl")
         (out / "train_summary.json").write_text(json.dumps({"settings": asdict(s), "final": final}, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
@@ -314,8 +417,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signals", nargs="*", default=[], help="signal shards with weights and reference log-probs")
     p.add_argument("--role", choices=("teacher", "student"), default="teacher", help="whose token ids to train on")
     p.add_argument("--unit", choices=("token", "span"), default="token")
-    p.add_argument("--eval-tokens", nargs="*", default=[])
-    p.add_argument("--eval-signals", nargs="*", default=[])
+    p.add_argument("--eval-tokens", nargs="*", default=[], help="held-out token shards for the final preference accuracy")
+    p.add_argument("--eval-signals", nargs="*", default=[], help="their signal shards (the reference of the implicit reward)")
+    p.add_argument("--ref-signals", nargs="*", default=[], help="signal shards whose reference log-probs replace those of --signals")
+    p.add_argument("--kd", default=None, choices=("dskd", "uld", "mined", "cdm"), help="online KD term on the chosen response")
+    p.add_argument("--kd-teacher", default=None, help="teacher model dir for --kd")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="kappa of a kd stage, or alpha added to a preference loss")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     defaults = TrainSettings(stage="sft", init="", out="", tokens=[])
     for name in ("beta", "lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))

@@ -178,13 +178,17 @@ def test_model_token_logps_equals_naive(small_models, arch, chunk):
     assert grads[0][head].abs().sum() > 0
 
 
-def saved_tensor_bytes(fn):
-    """Run ``fn`` and return (its result, bytes of distinct storages autograd saves for backward, largest storage)."""
+def saved_tensor_bytes(fn, model=None):
+    """Run ``fn`` and return (its result, bytes of distinct storages autograd saves for backward, largest storage).
+
+    Parameters of ``model`` are not counted: they exist anyway, saving them costs nothing."""
     storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
 
     def pack(t):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -196,8 +200,8 @@ def test_chunked_head_keeps_no_full_logits_for_backward():
     batch, length, vocab = 2, 256, 20000
     model = tiny_mistral(vocab)
     ids, mask = right_padded([length, length - 40], vocab)
-    naive, naive_bytes, _ = saved_tensor_bytes(lambda: naive_model_token_logps(model, ids, mask))
-    chunked, chunked_bytes, chunked_max = saved_tensor_bytes(lambda: model_token_logps(model, ids, mask))
+    naive, naive_bytes, _ = saved_tensor_bytes(lambda: naive_model_token_logps(model, ids, mask), model)
+    chunked, chunked_bytes, chunked_max = saved_tensor_bytes(lambda: model_token_logps(model, ids, mask), model)
     full_logits = batch * length * vocab * 4
     ratio = naive_bytes / chunked_bytes
     print(f"saved for backward: naive {naive_bytes} B, chunked {chunked_bytes} B, ratio {ratio:.1f}")
@@ -403,3 +407,41 @@ def test_sft_loss_on_collated_batch_equals_hf_loss(small_models):
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         got = sft_loss(model_token_logps(model, batch["input_ids"], batch["attention_mask"]), batch["label_mask"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_models_with_scaled_logits_fall_back_to_full_logits(arch):
+    import transformers
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    if arch == "granite":
+        cfg, cls = transformers.GraniteConfig(logits_scaling=8.0, **tiny), transformers.GraniteForCausalLM
+    else:
+        cfg, cls = transformers.CohereConfig(**tiny), transformers.CohereForCausalLM
+    torch.manual_seed(1)
+    m = cls(cfg).eval()
+    ids = torch.randint(1, 1000, (2, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        naive = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        ours = model_token_logps(m, ids, mask)[:, 1:]
+    assert torch.allclose(ours, naive, atol=1e-5)
+
+
+def test_needed_positions_match_the_full_computation_and_its_gradient():
+    model = tiny_mistral(300)
+    ids, mask = right_padded([12, 9], 300)
+    needed = torch.zeros_like(ids, dtype=torch.bool)
+    needed[0, 5:12] = True
+    needed[1, 3:9] = True
+    full = naive_model_token_logps(model, ids, mask)
+    part = model_token_logps(model, ids, mask, needed=needed, chunk=4)
+    torch.testing.assert_close(part, full * needed, atol=1e-5, rtol=0)
+    g_full = torch.autograd.grad((full * needed).sum(), list(model.parameters()), allow_unused=True)
+    g_part = torch.autograd.grad(part.sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_full, g_part):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

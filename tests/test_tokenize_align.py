@@ -74,7 +74,8 @@ def test_truncation_keeps_both_models_on_the_same_text(models, demo_records):
 def test_prompt_truncation_keeps_the_end_and_bos(models):
     teacher, _ = models
     long_prompt = [{"role": "user", "content": "word " * 200 + "FINAL"}]
-    values, splits, cut = teacher.prompt_ids([long_prompt], max_prompt_length=16)
+    values, splits, cut, refused = teacher.prompt_ids([long_prompt], max_prompt_length=16)
+    assert not refused.any()
     ids = values[splits[0] : splits[1]].tolist()
     assert cut == 1 and len(ids) == 16
     assert ids[0] == teacher.bos_id
@@ -149,3 +150,19 @@ def test_merge_stats_sums_shards(models, demo_records):
     assert merged["span_size_hist"] == whole["span_size_hist"]
     assert merged["responses_truncated"] == whole["responses_truncated"]
     json.dumps(merged)
+
+
+def test_prompts_a_template_refuses_are_counted_drops(models):
+    two_assistant_turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "assistant", "content": "anything else?"},
+        {"role": "user", "content": "no"},
+    ]
+    recs = [
+        {"pair_id": 0, "prompt": [{"role": "user", "content": "hi"}], "chosen": "Yes.", "rejected": "No."},
+        {"pair_id": 1, "prompt": two_assistant_turns, "chosen": "Ok.", "rejected": "Bye."},
+    ]
+    table, stats = tokenize_pairs(recs, *models, max_length=128, max_prompt_length=64)
+    assert table.column("pair_id").to_pylist() == [0]
+    assert stats["drops"]["teacher_chat_template_rejects_prompt"] == 1  # Mistral's template refuses it

@@ -2,8 +2,13 @@
 import sys
 from pathlib import Path
 
+import re
+
 from prefkd.config import validate_config
 from prefkd.errors import PrefkdError
+from prefkd.methods import SIGNAL_SETS as LIB_SIGNAL_SETS
+from prefkd.methods import method as lib_method
+from prefkd.methods import resolve_methods, signal_sets_for
 
 # `--configfile X` must replace config.yaml, not be merged into it (keys missing from
 # an experiment config would silently take the demo's values).
@@ -110,23 +115,33 @@ def train_common(wildcards):
     return flags
 
 
-def _signal_set(role, unit, pos, neg, ref, spec):
-    return {"role": role, "unit": unit, "pos": pos, "neg": neg, "ref": ref, "spec": spec}
+STUDENT_METHODS = resolve_methods(config["distill"]["methods"]) if TRAINING else []
+
+
+def model_path(key):
+    """teacher-sft / teacher-pos / teacher-neg / student-... -> the model dir of this config."""
+    role, _, kind = key.partition("-")
+    return {"sft": sft_model, "pos": pos_model, "neg": neg_model}[kind](role)
 
 
 def _signal_sets():
-    sig = config["signals"]
-    spec = {k: sig[k] for k in ("transform", "aggregation", "k", "lower", "upper", "threshold", "top_fraction")}
-    ref = sft_model("teacher") if sig["reference"] == "sft" else pos_model("teacher")
-    sets = {"ctpd": _signal_set("teacher", "span", pos_model("teacher"), neg_model("teacher"), ref, spec)}
-    if config["contrastive"]["student_pair"]:
-        sets["tisdpo"] = _signal_set(
-            "student", "token", pos_model("student"), neg_model("student"), sft_model("student"), spec
-        )
-    return sets if TRAINING else {}
+    """Signal sets to compute: CTPD's (always, for stats/weights.json) and those the methods read."""
+    if not TRAINING:
+        return {}
+    names = ["ctpd"] + [n for n in signal_sets_for(STUDENT_METHODS) if n not in ("ctpd",)]
+    sets = {}
+    for name in names:
+        s = LIB_SIGNAL_SETS[name]
+        ref = s.ref
+        if name == "ctpd" and config["signals"]["reference"] == "pos":
+            ref = ("teacher-pos", "teacher")
+        sets[name] = {"unit": s.unit, "ref": ref, "pos": s.pos, "neg": s.neg, "transform": s.transform, "aggregation": s.aggregation}
+    return sets
 
 
 SIGNAL_SETS = _signal_sets()
+# dpo-ref-<role> sets have their own rule (dpo_reference), which the contrastive stage needs too
+GENERIC_SETS = [n for n in SIGNAL_SETS if not n.startswith("dpo-ref-")]
 
 
 def signal_shards(sigset, split):
@@ -135,23 +150,64 @@ def signal_shards(sigset, split):
 
 def signal_models(sigset):
     s = SIGNAL_SETS[sigset]
-    return sorted({s["ref"], s["pos"], s["neg"]})
+    return sorted({model_path(x[0]) for x in (s["ref"], s["pos"], s["neg"]) if x})
 
 
 def signal_args(sigset, input):
     s = SIGNAL_SETS[sigset]
-    spec = s["spec"]
+    sig = config["signals"]
+    transform = s["transform"] or sig["transform"]
+    aggregation = s["aggregation"] or sig["aggregation"]
+    args = f"--unit {s['unit']} --reference {model_path(s['ref'][0])} --ref-role {s['ref'][1]} --role {s['ref'][1]}"
+    if s["pos"]:
+        args += f" --pos {model_path(s['pos'][0])} --pos-role {s['pos'][1]}"
+        args += f" --neg {model_path(s['neg'][0])} --neg-role {s['neg'][1]}"
     return (
-        f"--role {s['role']} --unit {s['unit']} --reference {s['ref']} --pos {s['pos']} --neg {s['neg']}"
-        f" --transform {spec['transform']} --aggregation {spec['aggregation']} --k {spec['k']}"
-        f" --lower {spec['lower']} --upper {spec['upper']} --threshold {spec['threshold']}"
-        f" --top-fraction {spec['top_fraction']} --seed {config['seed']}"
-        f" --batch-size {config['signals']['batch_size']}"
+        f"{args} --transform {transform} --aggregation {aggregation} --k {sig['k']}"
+        f" --lower {sig['lower']} --upper {sig['upper']} --threshold {sig['threshold']}"
+        f" --top-fraction {sig['top_fraction']} --seed {config['seed']} --batch-size {sig['batch_size']}"
     )
+
+
+def method_shards(name, split):
+    m = lib_method(name)
+    shards = []
+    for s in (m.weights, m.reference):
+        if s:
+            shards += signal_shards(s, split)
+    return shards
+
+
+def kd_teacher():
+    return pos_model("teacher") if config["distill"]["kd_teacher"] == "pos" else sft_model("teacher")
+
+
+def method_extra_inputs(name):
+    return [kd_teacher()] if lib_method(name).kd else []
+
+
+def distill_args(name, input):
+    m = lib_method(name)
+    d = config["distill"]
+    kd = f" --kd {m.kd} --kd-teacher {kd_teacher()} --temperature {d['temperature']}" if m.kd else ""
+    if m.kind == "kd":
+        return f"--stage kd --lr {d['kd_lr']} --epochs {d['epochs']} --kd-weight {d['kappa']}{kd}"
+    args = (
+        f"--stage preference --unit {m.unit} --beta {d['beta']} --lr {d['lr']} --epochs {d['epochs']}"
+        f" --signals {' '.join(signal_shards(m.weights, 'train'))}"
+    )
+    if m.reference:
+        args += f" --ref-signals {' '.join(signal_shards(m.reference, 'train'))}"
+    if m.kd:
+        args += f" --kd-weight {d['alpha']}{kd}"
+    return args
 
 
 def all_targets():
     targets = [f"{R}/stats/alignment.json"]
     if TRAINING:
         targets += [sft_model("teacher"), sft_model("student"), f"{R}/stats/weights.json"]
+        targets += [f"{R}/students/{m}" for m in STUDENT_METHODS]
+        if config["contrastive"]["student_pair"]:
+            targets += [pos_model("student"), neg_model("student")]
     return targets

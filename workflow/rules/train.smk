@@ -186,7 +186,7 @@ rule signals:
     params:
         args=lambda w, input: signal_args(w.sigset, input),
     wildcard_constraints:
-        sigset="|".join(SIGNAL_SETS) or "none",
+        sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
         split="train|valid|test",
     threads: 2
     log:

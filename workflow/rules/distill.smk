@@ -1,0 +1,48 @@
+# Student side: every method of the comparison is one folder students/{method}/.
+
+
+rule student_sft_baseline:
+    # The "student SFT only" baseline is the student SFT model itself.
+    input:
+        lambda w: sft_model("student"),
+    output:
+        directory(f"{R}/students/sft"),
+    log:
+        f"{R}/logs/students/sft.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "cp -r {input} {output} > {log} 2>&1"
+
+
+rule distill:
+    input:
+        init=lambda w: sft_model("student"),
+        tokens=token_shards("train"),
+        signals=lambda w: method_shards(w.method, "train"),
+        eval_tokens=token_shards("test"),
+        eval_signals=signal_shards("dpo-ref-student", "test"),
+        extra=lambda w: method_extra_inputs(w.method),
+    output:
+        directory(f"{R}/students/{{method}}"),
+    params:
+        launch=launch_prefix,
+        common=train_common,
+        args=lambda w, input: distill_args(w.method, input),
+    wildcard_constraints:
+        method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
+    threads: 2
+    log:
+        f"{R}/logs/students/{{method}}.log",
+    resources:
+        mem_mb=16000,
+        runtime=600,
+    conda:
+        ENV
+    shell:
+        "{params.launch} train --role student --init {input.init} --out {output} --tokens {input.tokens}"
+        " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals}"
+        " {params.args} {params.common} > {log} 2>&1"
