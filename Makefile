@@ -37,7 +37,7 @@ lint: $(STAMP)
 	. $(BIN)/activate && snakemake --lint && snakemake -n --quiet
 
 benchmarks: $(STAMP)
-	. $(BIN)/activate && python benchmarks/alignment.py --quick && python benchmarks/signals.py --quick
+	. $(BIN)/activate && python benchmarks/alignment.py --quick && python benchmarks/signals.py --quick && python benchmarks/student_step.py --quick
 
 clean-demo:
 	rm -rf results/demo .snakemake

@@ -37,6 +37,12 @@ def unit_ids(row: dict, role: str, side: str, unit: str) -> tuple[np.ndarray, in
     span = np.asarray(row[f"{role}_{side}_span_ids"], dtype=np.int64)
     out[:] = span
     m = row[f"{side}_num_spans"]
+    own = int(span.max()) + 1 if len(span) else 0
+    if own != m:
+        raise PrefkdError(
+            f"pair {row['pair_id']} {side}: the {role} tokens have {own} spans but the pair has {m}; "
+            "the row mixes columns of different pairs (misaligned)."
+        )
     if not row[f"{side}_truncated"]:
         out[n - 1] = m  # EOS is the last unit
         m += 1

@@ -295,7 +295,9 @@ def train(s: TrainSettings) -> dict:
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if kd is not None and kd.trainable():
         groups.append({"params": kd.trainable(), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=s.lr)
+    # fused AdamW: one kernel over all parameters (much less time and temporary memory than the for-loop)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, fused=fused)
     scheduler = get_scheduler(s.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # DeepSpeed sizes its buffers from these; our loaders are made per epoch
