@@ -46,6 +46,22 @@ def tokenizer_source(role):
     return spec["tokenizer"] or spec["model"]
 
 
+def template_digest(role):
+    """sha256 of the prefkd template file a tokenizer is built with ("" if none)."""
+    import hashlib
+
+    from prefkd.tokenizers import BUILTIN, TEMPLATES_DIR, resolve_chat_template
+
+    spec = config[role]
+    if spec["chat_template"]:
+        path = resolve_chat_template(spec["chat_template"])
+    elif tokenizer_source(role).removeprefix("builtin:") in BUILTIN:
+        path = TEMPLATES_DIR / BUILTIN[tokenizer_source(role).removeprefix("builtin:")].template
+    else:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).exists() else ""
+
+
 def scatter_index(item):
     """'3-of-8' -> (2, 8): the 0-based shard index and the shard count."""
     k, _, n = item.partition("-of-")

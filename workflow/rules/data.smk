@@ -12,6 +12,8 @@ rule tokenizer:
             else ""
         ),
         trust=lambda w: "--trust-remote-code" if config[w.role]["trust_remote_code"] else "",
+        # a changed builtin chat template must rebuild the tokenizer (params changes rerun a rule)
+        template_digest=lambda w: template_digest(w.role),
     wildcard_constraints:
         role="teacher|student",
     log:
