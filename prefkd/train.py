@@ -135,26 +135,60 @@ def _compute(model, batch, s: TrainSettings, kd=None):
 
 def _kd_term(model, batch, s: TrainSettings, kd, with_ce: bool):
     """The KD term on the chosen responses (student and teacher views of the same pairs)."""
-    from prefkd.kd import KDSide, kd_mix
+    from prefkd.kd import kd_mix
     from prefkd.losses import sft_loss, token_logps
 
     st, te = batch["kd_student"], batch["kd_teacher"]
-    s_out = model(input_ids=st["input_ids"], attention_mask=st["attention_mask"], use_cache=False, output_hidden_states=True)
+    student = _response_view(model, st)
     with torch.no_grad():
-        t_out = kd.teacher_model(
-            input_ids=te["input_ids"], attention_mask=te["attention_mask"], use_cache=False, output_hidden_states=True
-        )
-    student = KDSide(s_out.logits, s_out.hidden_states[-1], st["input_ids"], st["unit_ids"], st["target_mask"])
-    teacher = KDSide(t_out.logits, t_out.hidden_states[-1], te["input_ids"], te["unit_ids"], te["target_mask"])
+        teacher = _response_view(kd.teacher_model, te)
     term, metrics = kd.loss(student, teacher)
     metrics = {f"kd/{k}": float(v) for k, v in metrics.items()}
     metrics["kd/loss"] = float(term.detach())
     if not with_ce:
         return term, metrics
-    ce = sft_loss(token_logps(s_out.logits, st["input_ids"]), st["target_mask"])
+    ce = sft_loss(token_logps(student.logits, student.input_ids), student.target_mask)
     loss = kd_mix(ce, term, s.kd_weight)
     metrics.update(loss=float(loss.detach()), nll=float(ce.detach()))
     return loss, metrics
+
+
+def _response_view(model, view: dict):
+    """A KD view of the responses only: the LM head runs on the last prompt position
+    and the response positions (the prompt's vocabulary projection is never needed).
+
+    Rows are re-packed from one position before their first response token, so
+    ``logits[t]`` still predicts ``input_ids[t + 1]``; padding has unit -1, mask 0.
+    """
+    from prefkd.kd import KDSide
+
+    ids, units = view["input_ids"], view["unit_ids"]
+    out = model(input_ids=ids, attention_mask=view["attention_mask"], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    is_resp = units >= 0
+    start = (is_resp.float().argmax(dim=1) - 1).clamp(min=0)  # last prompt position
+    end = is_resp.shape[1] - is_resp.flip(1).float().argmax(dim=1)  # one past the last response token
+    width = int((end - start).max())
+    pos = start[:, None] + torch.arange(width, device=ids.device)[None, :]
+    valid = pos < end[:, None]
+    pos = pos.clamp(max=ids.shape[1] - 1)
+    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+    head = getattr(model, "module", model).get_output_embeddings()
+    with torch.no_grad():  # logits must really be head(hidden); else (scaled logits) take the model's own
+        plain = torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4)
+    if plain:
+        logits = head(h)
+    else:
+        full = model(input_ids=ids, attention_mask=view["attention_mask"], use_cache=False).logits
+        logits = full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))
+    units_v = torch.where(valid, units.gather(1, pos), torch.full_like(pos, -1))
+    return KDSide(
+        logits=logits,
+        hidden=h,
+        input_ids=torch.where(valid, ids.gather(1, pos), torch.zeros_like(pos)),
+        unit_ids=units_v,
+        target_mask=(units_v >= 0).float(),
+    )
 
 
 class _KD:
