@@ -28,11 +28,11 @@ import os
 import shutil
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefkd.errors import PrefkdError
+from prefkd.files import atomic_dir as _atomic_dir
 
 MODEL_INFO_FILE = "prefkd_model.json"
 
@@ -114,33 +114,6 @@ def _torch_dtype(dtype: str):
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir next to ``out_dir``; on success it replaces ``out_dir`` (old one removed)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    except OSError as exc:
-        raise PrefkdError(f"Cannot create a folder next to {out_dir} ({exc.strerror}).") from exc
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_model_file(name: str) -> bool:

@@ -61,9 +61,10 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from prefkd.errors import PrefkdError
+from prefkd.files import write_json
 
 FORMATS = ("auto", "pairs", "messages", "hh")
 DROP_REASONS = (
@@ -565,16 +566,6 @@ def write_split(records: Sequence[dict], path, pass_through: Iterable[str] = ())
     _atomic_write_bytes(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def _write_json(path: Path, obj) -> None:
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-    def writer(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    _atomic_write_bytes(path, writer)
-
-
 def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str] = (),
                 valid_fraction: float = 0.05, test_fraction: float = 0.1, seed: int = 1,
                 hf_split: str = "train", hf_config: str | None = None,
@@ -604,7 +595,7 @@ def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str
         "examples": {reason: list(examples[reason]) for reason in DROP_REASONS},
         "splits": {name: len(splits[name]) for name in SPLITS},
     }
-    _write_json(out / "filter_report.json", report)
+    write_json(out / "filter_report.json", report, sort_keys=False)
     return report
 
 

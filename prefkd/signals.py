@@ -27,6 +27,7 @@ import pyarrow as pa
 import torch
 
 from prefkd.errors import PrefkdError
+from prefkd.files import group_items, write_json
 from prefkd.shards import SIDES, read_shard, shard_stats, write_shard
 
 TRANSFORMS = ("ctpd", "identity", "threshold", "threshold_scale", "binary_top", "rank", "random", "uniform")
@@ -325,16 +326,8 @@ def add_gather_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_gather(args) -> int:
-    by_set: dict[str, list[Path]] = {}
-    for item in args.shards:
-        name, _, path = item.partition("=")
-        if not path:
-            raise PrefkdError(f"shard argument {item!r} must look like SET=PATH.")
-        by_set.setdefault(name, []).append(Path(path))
-    report = {name: merge_weight_stats([shard_stats(p) for p in paths]) for name, paths in by_set.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    tmp.replace(args.out)
+    groups = group_items(args.shards, "SET")
+    report = {name: merge_weight_stats([shard_stats(p) for p in paths]) for name, paths in groups.items()}
+    write_json(args.out, report)
     print(json.dumps({name: r.get("planted_check", {}) for name, r in report.items()}))
     return 0

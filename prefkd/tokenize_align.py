@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from prefkd import align as A
 from prefkd.errors import PrefkdError
+from prefkd.files import group_items, write_json
 from prefkd.shards import ROLES, SIDES, TOKEN_OPTIONAL, read_shard, shard_stats, write_shard
 
 SPAN_SIZE_BUCKETS = 8  # histogram buckets 1..8 tokens, then "9+"
@@ -284,10 +285,7 @@ def gather_stats(shards_by_split: dict[str, list[Path]], out: Path) -> dict:
     for split, paths in shards_by_split.items():
         report[split] = merge_stats([shard_stats(p) for p in paths])
     report["all"] = merge_stats([shard_stats(p) for paths in shards_by_split.values() for p in paths])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out)
+    write_json(out, report)
     return report
 
 
@@ -314,13 +312,7 @@ def add_gather_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_gather(args) -> int:
-    by_split: dict[str, list[Path]] = {}
-    for item in args.shards:
-        split, _, path = item.partition("=")
-        if not path:
-            raise PrefkdError(f"shard argument {item!r} must look like SPLIT=PATH.")
-        by_split.setdefault(split, []).append(Path(path))
-    report = gather_stats(by_split, args.out)
+    report = gather_stats(group_items(args.shards, "SPLIT"), args.out)
     print(json.dumps({"pairs_out": report["all"]["pairs_out"], "one_to_one_share": round(report["all"]["one_to_one_share"], 4)}))
     return 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefkd.errors import PrefkdError
+from prefkd.files import atomic_dir
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_WHEEL_DIR = Path(".cache/wheels")  # overridden by $PREFKD_WHEEL_DIR
@@ -423,10 +424,7 @@ def materialize_tokenizer(
         if not template_text.strip():
             raise PrefkdError(f"The chat template file {chat_template} is empty.")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_dir(out_dir) as tmp:
         if source == "builtin:smollm2-135m-instruct":
             from prefkd.models import materialize_smollm2_tokenizer  # the tokenizer ships inside the GGUF
 
@@ -449,20 +447,6 @@ def materialize_tokenizer(
             raise PrefkdError(
                 f"The tokenizer {source} has no chat template; pass one with --chat-template FILE.jinja."
             )
-
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

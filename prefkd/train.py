@@ -16,9 +16,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
