@@ -52,8 +52,8 @@ cached in ``.cache/bench-tokenizers/<hash>/``, the same cache as ``alignment.py`
   with ``TrainSettings(stage="preference", unit="span", role="student")`` on
   ``collate_pairs(rows, "student", "span", pad, with_signals=True)`` (the LM head only on
   response positions, fused backward), ``loss.backward()``, ``clip_grad_norm_(1.0)``,
-  the engine's ``torch.optim.AdamW`` (two groups, no ``fused``/``foreach`` flag: the
-  for-loop implementation on CPU), ``zero_grad()``;
+  the engine's ``torch.optim.AdamW`` (two groups, ``fused=True`` as in the engine),
+  ``zero_grad()``;
 - TRL step: ``DPOTrainer(model=policy, ref_model=ref, ...)`` (sigmoid loss, beta 0.1,
   no precomputed reference log-probs) on the same pairs as prompt/chosen/rejected
   strings: the prompt is rendered by the student's chat template with
@@ -365,7 +365,7 @@ class CTPDSide:
         decay = [p for _, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in self.model.named_parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=s.lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=s.lr, fused=True)  # as the engine does on CPU/CUDA
         self.seg = Segments()
 
     def step(self) -> float:
