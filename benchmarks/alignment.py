@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -112,24 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 
-def _build_hash() -> str:
-    import tokenizers
-    import transformers
-
-    h = hashlib.sha256()
-    files = [REPO_ROOT / "prefkd" / "tokenizers.py"]
-    files += sorted(p for p in (REPO_ROOT / "prefkd" / "templates").glob("*") if p.is_file())
-    for f in files:
-        h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update(f"transformers={transformers.__version__};tokenizers={tokenizers.__version__}".encode())
-    return h.hexdigest()[:16]
-
-
 def tokenizer_dirs() -> tuple[dict[str, Path], bool]:
     """{role: dir}, building missing ones atomically (temp dir + rename). Returns (dirs, built_any)."""
-    from prefkd.tokenizers import build_builtin
+    from prefkd.tokenizers import build_builtin, build_fingerprint
 
-    root = CACHE_DIR / _build_hash()
+    root = CACHE_DIR / build_fingerprint()
     root.mkdir(parents=True, exist_ok=True)
     dirs, built = {}, False
     for role, name in TOKENIZERS:

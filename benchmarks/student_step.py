@@ -172,24 +172,10 @@ def reset_hwm() -> bool:
 # ----------------------------------------------------------------------------- setup (parent)
 
 
-def _tokenizer_hash() -> str:
-    """The key of alignment.py's tokenizer cache (so both benchmarks share one build)."""
-    import tokenizers
-    import transformers
-
-    h = hashlib.sha256()
-    files = [ROOT / "prefkd" / "tokenizers.py"]
-    files += sorted(p for p in (ROOT / "prefkd" / "templates").glob("*") if p.is_file())
-    for f in files:
-        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update(f"transformers={transformers.__version__};tokenizers={tokenizers.__version__}".encode())
-    return h.hexdigest()[:16]
-
-
 def tokenizer_dirs() -> dict[str, Path]:
-    from prefkd.tokenizers import build_builtin
+    from prefkd.tokenizers import build_builtin, build_fingerprint
 
-    root = CACHE_DIR / _tokenizer_hash()
+    root = CACHE_DIR / build_fingerprint()
     root.mkdir(parents=True, exist_ok=True)
     dirs = {}
     for role, name in (("teacher", "mistral-v0.3"), ("student", "qwen2.5")):

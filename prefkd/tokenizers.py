@@ -42,6 +42,23 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_WHEEL_DIR = Path(".cache/wheels")  # overridden by $PREFKD_WHEEL_DIR
 
 
+def build_fingerprint() -> str:
+    """A key that changes whenever a rebuilt builtin tokenizer could differ: this module,
+    the chat templates and the transformers / tokenizers versions (for build caches)."""
+    import hashlib
+
+    import tokenizers
+    import transformers
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    files = [Path(__file__).resolve()] + sorted(p for p in TEMPLATES_DIR.glob("*") if p.is_file())
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(f"transformers={transformers.__version__};tokenizers={tokenizers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
 def default_wheel_dir() -> Path:
     return Path(os.environ.get("PREFKD_WHEEL_DIR") or DEFAULT_WHEEL_DIR)
 

@@ -8,7 +8,6 @@ keeps parallel pytest processes from building at the same time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -21,27 +20,14 @@ TEACHER_SOURCE = "builtin:mistral-v0.3"
 STUDENT_SOURCE = "builtin:qwen2.5"
 
 
-def _tokenizer_build_hash() -> str:
-    import tokenizers
-    import transformers
-
-    h = hashlib.sha256()
-    files = [REPO_ROOT / "prefkd" / "tokenizers.py"]
-    files += sorted(p for p in (REPO_ROOT / "prefkd" / "templates").glob("*") if p.is_file())
-    for f in files:
-        h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update(f"transformers={transformers.__version__};tokenizers={tokenizers.__version__}".encode())
-    return h.hexdigest()[:16]
-
-
 @pytest.fixture(scope="session")
 def tokenizer_cache_dir() -> Path:
     """Folder holding teacher/ and student/, built on first use."""
     from filelock import FileLock
 
-    from prefkd.tokenizers import materialize_tokenizer
+    from prefkd.tokenizers import build_fingerprint, materialize_tokenizer
 
-    root = TOKENIZER_CACHE / _tokenizer_build_hash()
+    root = TOKENIZER_CACHE / build_fingerprint()
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         for sub, source in (("teacher", TEACHER_SOURCE), ("student", STUDENT_SOURCE)):
