@@ -30,6 +30,12 @@ COMMANDS = {
     "signals": ("prefkd.signals", "add_arguments", "run", "per-unit weights and reference log-probs of one token shard"),
     "weights-stats": ("prefkd.signals", "add_gather_arguments", "run_gather", "merge signal-shard statistics into stats/weights.json"),
     "spans": ("prefkd.spans", "add_arguments", "run", "show aligned spans of a text, or check every invariant on a JSONL file"),
+    "eval-data": ("prefkd.lmeval", "add_data_arguments", "run_data", "write the demo's local lm-eval tasks from the held-out split"),
+    "lm-eval": ("prefkd.lmeval", "add_arguments", "run", "evaluate one model on one benchmark suite with lm-evaluation-harness"),
+    "preference-eval": ("prefkd.evaluate", "add_arguments", "run", "held-out preference accuracy and reward margin of one model"),
+    "generate": ("prefkd.reward", "add_generate_arguments", "run_generate", "answer held-out prompts and score the answers with a judge"),
+    "winrate": ("prefkd.reward", "add_winrate_arguments", "run_winrate", "win rate of a model's scored answers against a baseline's"),
+    "report": ("prefkd.report", "add_arguments", "run", "write report.md and its plots from the evaluation JSONs"),
 }
 
 

@@ -1,0 +1,113 @@
+"""Held-out preference metrics of one model: implicit-reward accuracy and margin.
+
+The implicit reward of a response is ``beta * sum_t (log pi(y_t) - log pi_ref(y_t))`` over its
+tokens, with the reference log-probs precomputed by the ``dpo_reference`` stage (the role's SFT
+model). ``accuracy`` is the share of pairs whose chosen reward beats the rejected one, ties
+counting one half, so the reference itself scores 0.5 with margin 0. A tie is a log-ratio margin
+within ``TIE_NATS`` of zero: the reference log-probs were computed in another job (other batch
+shapes, float32 storage), so the reference model evaluated against them differs by float noise. ``logp_accuracy``
+needs no reference: the share of pairs where the model gives the chosen response the higher
+summed log-probability (ties one half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from prefkd.errors import PrefkdError
+from prefkd.files import write_json
+
+TIE_NATS = 1e-3
+
+
+def preference_summary(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> dict:
+    """Pure: per-pair summed log-probs (policy and reference) -> accuracy, margin, ties, logp accuracy."""
+    pc, pr = torch.as_tensor(policy_chosen, dtype=torch.float64), torch.as_tensor(policy_rejected, dtype=torch.float64)
+    rc, rr = torch.as_tensor(ref_chosen, dtype=torch.float64), torch.as_tensor(ref_rejected, dtype=torch.float64)
+    n = int(pc.numel())
+    if n == 0:
+        raise PrefkdError("no held-out pairs to evaluate; the test split is empty.")
+    log_ratio = (pc - rc) - (pr - rr)
+    tie = log_ratio.abs() <= TIE_NATS
+    logp_tie = (pc - pr).abs() <= TIE_NATS
+    return {
+        "accuracy": (int(((log_ratio > 0) & ~tie).sum()) + 0.5 * int(tie.sum())) / n,
+        "margin": float((beta * log_ratio).mean()),
+        "ties": int(tie.sum()),
+        "logp_accuracy": (int(((pc > pr) & ~logp_tie).sum()) + 0.5 * int(logp_tie.sum())) / n,
+        "pairs": n,
+        "beta": beta,
+    }
+
+
+@torch.no_grad()
+def response_logps(model, table, role: str, pad_id: int, batch_size: int = 8, device: str = "cpu"):
+    """Per pair: summed response log-probs of the model and of the reference (signal shards).
+
+    Returns four float64 tensors [N]: policy chosen/rejected, reference chosen/rejected.
+    """
+    from prefkd.batches import collate_pairs
+    from prefkd.losses import model_token_logps, span_logps
+
+    model.eval()
+    out = [[], [], [], []]
+    for start in range(0, len(table), batch_size):
+        rows = table.rows(range(start, min(start + batch_size, len(table))))
+        b = collate_pairs(rows, role, "token", pad_id, with_signals=True)
+        b = {k: v.to(device) for k, v in b.items()}
+        lp = model_token_logps(model, b["input_ids"], b["attention_mask"], needed=b["unit_ids"] >= 0)
+        units = span_logps(lp, b["unit_ids"], b["unit_mask"].shape[1]).double()
+        mask, ref = b["unit_mask"].double(), b["ref_logps"].double()
+        policy = (units * mask).sum(-1).cpu()
+        reference = (ref * mask).sum(-1).cpu()
+        for i, t in enumerate((*policy.chunk(2), *reference.chunk(2))):
+            out[i].append(t)
+    return [torch.cat(x) if x else torch.zeros(0, dtype=torch.float64) for x in out]
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_preference(model_dir, role: str, tokens, ref_signals, beta: float, batch_size: int = 8, device: str = "auto") -> dict:
+    """Preference metrics of the model in ``model_dir`` on the held-out token shards."""
+    from prefkd.batches import PairTable
+    from prefkd.models import load_model
+    from transformers import AutoTokenizer
+
+    table = PairTable(tokens, ref_signals)
+    if table.signal_unit and table.signal_unit != "token":
+        raise PrefkdError(f"reference signals must be in token units, not {table.signal_unit!r} (use the dpo-ref-{role} shards).")
+    device = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_model(str(model_dir)).to(device)
+    pc, pr, rc, rr = response_logps(model, table, role, pad_id, batch_size, device)
+    return preference_summary(pc, pr, rc, rr, beta)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="HF model dir to evaluate")
+    p.add_argument("--name", required=True, help="model name for the report, e.g. student-ctpd")
+    p.add_argument("--role", required=True, choices=["teacher", "student"], help="whose token ids the model reads")
+    p.add_argument("--tokens", required=True, nargs="+", type=Path, help="held-out token shards")
+    p.add_argument("--ref-signals", required=True, nargs="+", type=Path, help="dpo-ref-<role> signal shards of the same split")
+    p.add_argument("--reference-name", default="", help="name of the reference model, recorded in the output")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", required=True, type=Path, help="preference.json to write")
+
+
+def run(args) -> int:
+    result = evaluate_preference(args.model, args.role, args.tokens, args.ref_signals, args.beta, args.batch_size, args.device)
+    result = {"model": args.name, "reference": args.reference_name, **result}
+    write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("model", "accuracy", "margin", "pairs")}))
+    return 0

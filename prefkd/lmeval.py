@@ -1,0 +1,329 @@
+"""Benchmarks through lm-evaluation-harness, on the model already in memory.
+
+One call evaluates one model on one *suite* (a list of lm-eval tasks with their few-shot counts,
+the metric the report shows and its column label, chat template on or off, a sample limit).
+Tasks whose names start with ``prefkd_`` are the demo's local tasks: their YAMLs ship in
+``prefkd/lm_eval_tasks/`` and their data is written from the held-out split by
+:func:`write_task_data`, so the demo runs the real harness offline.
+
+The output JSON keeps lm-eval's own results next to a small ``scores`` table
+({task: {metric, value, stderr, samples, label, num_fewshot}}) that the report reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import re
+import shlex
+import tempfile
+from pathlib import Path
+
+from prefkd.errors import PrefkdError
+from prefkd.files import write_json
+
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+LOCAL_PREFIX = "prefkd_"
+
+# The metric each known task is reported by (Open LLM Leaderboard v1 / v2 conventions).
+DEFAULT_METRICS = {
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "mmlu": "acc",
+    "truthfulqa_mc2": "acc",
+    "winogrande": "acc",
+    "gsm8k": "exact_match,strict-match",
+    "leaderboard_ifeval": "prompt_level_strict_acc",
+    "leaderboard_bbh": "acc_norm",
+    "prefkd_pref_mc": "acc",
+    "prefkd_arith": "exact_match",
+}
+
+# lm-eval extras some task families need: (task-name prefixes, extra, modules it installs).
+TASK_EXTRAS = (
+    (("leaderboard_ifeval", "ifeval"), "ifeval", ("langdetect", "immutabledict", "nltk")),
+    (("leaderboard_math", "hendrycks_math", "minerva_math"), "math", ("sympy", "math_verify")),
+)
+
+
+def missing_extras(tasks: list[str]) -> list[str]:
+    """One sentence per task whose lm-eval extra is not installed (empty list: all present)."""
+    problems = []
+    for task in tasks:
+        for prefixes, extra, modules in TASK_EXTRAS:
+            if any(task.startswith(p) for p in prefixes):
+                absent = [m for m in modules if importlib.util.find_spec(m) is None]
+                if absent:
+                    problems.append(
+                        f"lm-eval task {task!r} needs lm-eval's {extra!r} extra (missing: {', '.join(absent)}); "
+                        f"install it with: pip install 'lm-eval[{extra}]'"
+                    )
+    return problems
+
+
+def check_task_extras(tasks: list[str]) -> None:
+    problems = missing_extras(tasks)
+    if problems:
+        raise PrefkdError("; ".join(problems) + ".")
+
+
+# ---------------------------------------------------------------------------
+# The demo's local tasks
+# ---------------------------------------------------------------------------
+
+_ARITH = re.compile(r"(-?\d+)\s*([+\-*×x])\s*(-?\d+)")
+
+
+def arithmetic_answer(question: str) -> int | None:
+    """The result of the first ``a op b`` in the question (op in + - * × x), else None."""
+    m = _ARITH.search(question)
+    if not m:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """A held-out prompt as one user turn: the user's text, or 'role: text' lines for longer talks."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _chosen_index(pair_id: int, seed: int) -> int:
+    """Where the chosen response goes among the two choices: a fixed coin per pair."""
+    return hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[0] & 1
+
+
+def task_records(rows: list[dict], seed: int = 1) -> dict[str, list[dict]]:
+    """Held-out pairs -> the demo tasks' records (pure)."""
+    mc, arith = [], []
+    for row in sorted(rows, key=lambda r: r["pair_id"]):
+        question = prompt_text(row["prompt"])
+        k = _chosen_index(int(row["pair_id"]), seed)
+        choices = [row["rejected"], row["chosen"]] if k else [row["chosen"], row["rejected"]]
+        mc.append({"pair_id": int(row["pair_id"]), "question": question, "choices": choices, "label": k})
+        user = next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
+        answer = arithmetic_answer(user)
+        if answer is not None:
+            arith.append({"pair_id": int(row["pair_id"]), "question": question, "answer": str(answer)})
+    return {"pref_mc": mc, "arith": arith}
+
+
+def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
+    """Write the demo tasks' JSONL files from a prepared split (parquet); returns the counts."""
+    import pyarrow.parquet as pq
+
+    from prefkd.files import atomic_dir
+
+    rows = pq.read_table(data, columns=["pair_id", "prompt", "chosen", "rejected"]).to_pylist()
+    records = task_records(rows, seed)
+    counts = {name: len(recs) for name, recs in records.items()}
+    with atomic_dir(out_dir) as tmp:
+        for name, recs in records.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                for rec in recs:
+                    fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+        write_json(tmp / "counts.json", counts)
+    return counts
+
+
+def _local_task_file(task: str) -> Path:
+    path = TASKS_DIR / f"{task}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+        raise PrefkdError(f"unknown local lm-eval task {task!r}; prefkd ships: {', '.join(known)}.")
+    return path
+
+
+def _local_data_file(task: str) -> str:
+    m = re.search(r'"@DATA_DIR@/([^"]+)"', _local_task_file(task).read_text(encoding="utf-8"))
+    return m.group(1) if m else ""
+
+
+def _write_local_tasks(tasks: list[str], data_dir: Path | None, include: Path) -> None:
+    for task in tasks:
+        if not task.startswith(LOCAL_PREFIX):
+            continue
+        if data_dir is None:
+            raise PrefkdError(f"local task {task!r} needs --task-data (the folder `prefkd eval-data` writes).")
+        text = _local_task_file(task).read_text(encoding="utf-8")
+        (include / f"{task}.yaml").write_text(text.replace("@DATA_DIR@", str(Path(data_dir).resolve())), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Running a suite
+# ---------------------------------------------------------------------------
+
+
+def normalise_suite(suite: dict) -> dict:
+    """Fill a suite's defaults; each task becomes {task, num_fewshot, metric, label}."""
+    tasks = []
+    for item in suite.get("tasks", []):
+        t = {"task": item} if isinstance(item, str) else dict(item)
+        t.setdefault("num_fewshot", 0)
+        t.setdefault("metric", DEFAULT_METRICS.get(t["task"], "acc"))
+        t.setdefault("label", t["task"])
+        tasks.append(t)
+    if not tasks:
+        raise PrefkdError("an evaluation suite needs at least one task.")
+    return {
+        "tasks": tasks,
+        "apply_chat_template": bool(suite.get("apply_chat_template", False)),
+        "limit": suite.get("limit"),
+        "batch_size": int(suite.get("batch_size", 8)),
+        "max_length": suite.get("max_length"),
+        "bootstrap_iters": int(suite.get("bootstrap_iters", 1000)),
+    }
+
+
+def pick_metric(entry: dict, metric: str) -> tuple[float | None, float | None, str]:
+    """(value, stderr, key) of ``metric`` in one lm-eval results entry ('acc' matches 'acc,none')."""
+    if "," in metric:
+        key = metric
+    else:
+        candidates = [k for k in entry if k.split(",")[0] == metric]
+        key = f"{metric},none" if f"{metric},none" in entry else (sorted(candidates)[0] if candidates else metric)
+    if key not in entry:
+        return None, None, key
+    name, _, filt = key.partition(",")
+    stderr = entry.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+    value = entry[key]
+    return (
+        float(value) if isinstance(value, (int, float)) else None,
+        float(stderr) if isinstance(stderr, (int, float)) else None,
+        key,
+    )
+
+
+def scores_from_results(results: dict, tasks: list[dict]) -> dict:
+    """The report's table from lm-eval's results (groups such as mmlu come from 'groups')."""
+    out = {}
+    for t in tasks:
+        name = t["task"]
+        entry = (results.get("groups") or {}).get(name) or results.get("results", {}).get(name)
+        if entry is None:
+            raise PrefkdError(f"lm-eval returned no results for task {name!r}.")
+        value, stderr, key = pick_metric(entry, t["metric"])
+        if value is None:
+            have = sorted(k for k in entry if "," in k and "_stderr" not in k)
+            raise PrefkdError(f"task {name!r} has no metric {t['metric']!r}; it reports: {', '.join(have)}.")
+        samples = (results.get("n-samples") or {}).get(name, {}).get("effective")
+        out[name] = {
+            "metric": key,
+            "value": value,
+            "stderr": stderr,
+            "samples": samples,
+            "label": t["label"],
+            "num_fewshot": t["num_fewshot"],
+        }
+    return out
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed: int = 1, device: str = "auto") -> dict:
+    """Evaluate one model on one suite with lm-eval; returns {scores, settings, lm_eval}."""
+    suite = normalise_suite(suite)
+    names = [t["task"] for t in suite["tasks"]]
+    check_task_extras(names)
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from prefkd.evaluate import pick_device
+    from prefkd.models import load_model
+
+    skipped = {}
+    if task_data is not None:
+        counts = json.loads((Path(task_data) / "counts.json").read_text())
+        for t in names:
+            if t.startswith(LOCAL_PREFIX) and counts.get(Path(_local_data_file(t)).stem, 0) == 0:
+                skipped[t] = "no held-out prompts of this kind"
+    device = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_model(str(model_dir)).to(device).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite["batch_size"], max_length=suite["max_length"])
+    merged: dict = {"results": {}, "groups": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "higher_is_better": {}}
+    with tempfile.TemporaryDirectory(prefix="prefkd-lm-eval-") as include:
+        _write_local_tasks([t for t in names if t not in skipped], task_data, Path(include))
+        manager = TaskManager(include_path=include)
+        by_shots: dict[int, list[str]] = {}
+        for t in suite["tasks"]:
+            if t["task"] not in skipped:
+                by_shots.setdefault(int(t["num_fewshot"]), []).append(t["task"])
+        for shots, group in by_shots.items():
+            res = simple_evaluate(
+                model=lm,
+                tasks=group,
+                num_fewshot=shots,
+                limit=suite["limit"],
+                apply_chat_template=suite["apply_chat_template"],
+                fewshot_as_multiturn=suite["apply_chat_template"] and shots > 0,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=suite["bootstrap_iters"],
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+            for key in merged:
+                merged[key].update(res.get(key) or {})
+    scores = scores_from_results(merged, [t for t in suite["tasks"] if t["task"] not in skipped])
+    for t in suite["tasks"]:
+        if t["task"] in skipped:
+            scores[t["task"]] = {"metric": t["metric"], "value": None, "stderr": None, "samples": 0, "label": t["label"],
+                                 "num_fewshot": t["num_fewshot"], "skipped": skipped[t["task"]]}  # fmt: skip
+    settings = {**suite, "seed": seed, "device": device, "lm_eval_version": lm_eval.__version__}
+    return {"scores": {t["task"]: scores[t["task"]] for t in suite["tasks"]}, "settings": settings, "lm_eval": _jsonable(merged)}
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="HF model dir to evaluate")
+    p.add_argument("--name", required=True, help="model name for the report, e.g. student-ctpd")
+    p.add_argument("--suite-name", required=True, help="suite name, e.g. openllm")
+    p.add_argument("--suite", required=True, help="the suite as JSON: {tasks: [{task, num_fewshot, metric, label}], apply_chat_template, limit, ...}")
+    p.add_argument("--task-data", type=Path, help="folder written by `prefkd eval-data` (local prefkd_ tasks)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", required=True, type=Path, help="<suite>.json to write")
+
+
+def run(args) -> int:
+    try:
+        suite = json.loads(args.suite)
+    except json.JSONDecodeError as exc:
+        raise PrefkdError(f"--suite is not valid JSON ({exc.msg}).") from None
+    result = run_suite(args.model, suite, args.task_data, args.seed, args.device)
+    write_json(args.out, {"model": args.name, "suite": args.suite_name, **result})
+    print(json.dumps({"model": args.name, "suite": args.suite_name, **{k: v["value"] for k, v in result["scores"].items()}}))
+    return 0
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="held-out split (data/test.parquet)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the local tasks' JSONL files")
+    p.add_argument("--seed", type=int, default=1)
+
+
+def run_data(args) -> int:
+    counts = write_task_data(args.data, args.out, args.seed)
+    print(json.dumps(counts))
+    return 0
+
+
+def suite_argument(suite: dict) -> str:
+    """The --suite value for a shell command line (used by the workflow)."""
+    return shlex.quote(json.dumps(suite, sort_keys=True))

@@ -1,0 +1,823 @@
+"""The experiment report: results/<exp>/report.md and its figures results/<exp>/report/*.png.
+
+Every input path is passed in explicitly (the Snakemake rule lists them); nothing here
+searches the results tree. Benchmark scores come from the lm-eval JSONs of each model's
+eval dir (``<suite>.json``), preference numbers from ``preference.json`` and, when it
+exists, ``reward.json``; the alignment and span-weight statistics from stats/*.json; the
+training curves from each run's ``metrics.jsonl``.
+
+Required inputs (a model's suite JSONs and preference.json, the alignment report) raise a
+PrefkdError naming the file when absent; optional ones (reward.json, weights.json,
+metrics.jsonl) only drop their column, section or plot, with a sentence saying so.
+
+Figures are drawn with matplotlib's Agg canvas on standalone Figure objects (no pyplot
+state) and saved without the Software metadata, so running twice gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from prefkd.errors import PrefkdError
+from prefkd.files import atomic_dir
+
+DASH = "\u2013"  # shown for a missing value
+STAR = "\\*"  # markdown-escaped footnote mark: an average over only the values that exist
+
+TEACHER_ROWS = {"teacher-sft": "teacher (SFT)", "teacher-pos": "teacher pi+", "teacher-neg": "teacher pi-"}
+# Table 1 rows after the teachers: the student SFT, the paper's baselines and CTPD in the paper's
+# order, then our other (non-ablation) methods.
+TABLE1_STUDENTS = {
+    "student-sft": "student (SFT)",
+    "student-dpo": "DPO",
+    "student-tisdpo": "TIS-DPO",
+    "student-dskd": "DSKD",
+    "student-ctpd": "CTPD",
+    "student-uld": "ULD",
+    "student-mined": "MinED",
+    "student-cdm": "CDM",
+    "student-ctpd+dskd": "CTPD+DSKD",
+    "student-ctpd-pos-ref": "CTPD (pi+ reference)",
+}
+# Ablation methods (model name student-<method>) in the order of the paper's ablation discussion.
+ABLATION_ROWS = {
+    "student-uniform": "uniform weights",
+    "student-mean": "mean aggregation",
+    "student-random": "random weights",
+    "student-student-weights": "student-estimated weights",
+    "student-mixed-pair": "teacher/student mixed pair",
+    "student-student-ref": "student as reference",
+}
+# The paper's ablation averages (Qwen-2.5-14B teacher -> Llama-3.1-8B student, docs/method.md).
+PAPER_ABLATION_AVG = {
+    "student-ctpd": 67.42,
+    "student-uniform": 65.47,
+    "student-student-weights": 65.88,
+    "student-mixed-pair": 64.51,
+    "student-random": 54.80,
+    "student-student-ref": 65.27,
+}
+PAPER_AVG_COLUMN = "paper avg (14B->8B)"
+SPLIT_ORDER = ("all", "train", "valid", "test")
+PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
+DPI = 100
+SMOOTH_WINDOW = 8  # running-mean window (steps) of the reward-accuracy curves
+TAIL_STEPS = 10  # the "final" reward accuracy / margin is the mean of the last TAIL_STEPS steps
+
+
+# ---------------------------------------------------------------------------
+# Reading inputs
+# ---------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A required JSON object; a missing or malformed file is a PrefkdError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrefkdError(f"{what} {path} is missing.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrefkdError(f"{what} {path} is not readable JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise PrefkdError(f"{what} {path} must hold a JSON object.")
+    return data
+
+
+def _optional_json(path: Path | None, what: str) -> dict | None:
+    """An optional JSON object: None when the path is not given or the file does not exist."""
+    if path is None or not Path(path).is_file():
+        return None
+    return _read_json(path, what)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl that carry a step and a loss, one per step (the last logged wins), by step."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise PrefkdError(f"training log {path} has a line that is not JSON ({exc}).") from exc
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and _is_number(row.get("loss")):
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_suite(eval_dir: Path, suite: str) -> dict[str, dict]:
+    """The scores of one suite JSON as task -> {"label", "value"} (value a fraction or None), in file order."""
+    path = Path(eval_dir) / f"{suite}.json"
+    data = _read_json(path, "benchmark result")
+    scores = data.get("scores")
+    if not isinstance(scores, dict):
+        raise PrefkdError(f"benchmark result {path} has no 'scores' object.")
+    out = {}
+    for task, entry in scores.items():
+        entry = entry if isinstance(entry, dict) else {}
+        value = entry.get("value")
+        out[task] = {"label": str(entry.get("label") or task), "value": float(value) if _is_number(value) else None}
+    # The suite's own task order (settings.tasks: names or {"task": name, ...}) beats the file's key order.
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    order = [t.get("task") if isinstance(t, dict) else t for t in settings.get("tasks") or [] if isinstance(t, (str, dict))]
+    order = [t for t in order if t in out]
+    return {t: out[t] for t in order} | {t: v for t, v in out.items() if t not in order}
+
+
+# ---------------------------------------------------------------------------
+# Numbers and rows
+# ---------------------------------------------------------------------------
+
+
+def pct(x: float | None) -> float | None:
+    """A fraction as the percentage the report shows (x100, 2 decimals)."""
+    return None if x is None else float(f"{x * 100:.2f}")
+
+
+def fixed(x: float | None, digits: int) -> float | None:
+    return None if x is None else float(f"{x:.{digits}f}")
+
+
+def _cell(value, digits: int = 2) -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def row_label(model: str) -> str:
+    """The row header of a model: the paper's name for known models, else the method name."""
+    for table in (TEACHER_ROWS, TABLE1_STUDENTS, ABLATION_ROWS):
+        if model in table:
+            return table[model]
+    return model.removeprefix("student-")
+
+
+def order_models(models: list[str]) -> tuple[list[str], list[str]]:
+    """Split models into (Table-1 rows in the paper's order, ablation rows in the ablation order)."""
+    known = list(TEACHER_ROWS) + list(TABLE1_STUDENTS)
+    main = [m for m in known if m in models] + [m for m in models if m not in known and m not in ABLATION_ROWS]
+    ablations = [m for m in ABLATION_ROWS if m in models]
+    return main, ablations
+
+
+def benchmark_columns(scores: dict[str, dict[str, dict[str, dict]]], suites: list[str]) -> list[dict]:
+    """Columns of the benchmark tables: every task of every suite (suites in the given order, tasks in
+    the order of the first model's JSON, then any task only a later model has). Headers are the
+    tasks' labels, made unique with the suite name where two tasks share one."""
+    cols: list[dict] = []
+    for suite in suites:
+        seen: list[str] = []
+        for per_suite in scores.values():
+            for task, entry in per_suite.get(suite, {}).items():
+                if task not in seen:
+                    seen.append(task)
+                    cols.append({"suite": suite, "task": task, "label": entry["label"]})
+    counts: dict[str, int] = {}
+    for c in cols:
+        counts[c["label"]] = counts.get(c["label"], 0) + 1
+    for c in cols:
+        if counts[c["label"]] > 1:
+            c["label"] = f"{c['label']} ({c['suite']}/{c['task']})" if c["label"] == c["task"] else f"{c['label']} ({c['suite']})"
+    return cols
+
+
+def benchmark_row(per_suite: dict[str, dict], columns: list[dict]) -> dict:
+    """One model's shown values (x100, rounded) per column label, its average and whether it is partial."""
+    raw = [per_suite.get(c["suite"], {}).get(c["task"], {}).get("value") for c in columns]
+    present = [v for v in raw if v is not None]
+    row = {c["label"]: pct(v) for c, v in zip(columns, raw)}
+    avg = pct(sum(present) / len(present)) if present else None
+    return {"values": row, "avg": avg, "partial": len(present) < len(raw), "present": len(present), "tasks": len(raw)}
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+
+def _plot_row(model: str, bench: dict) -> dict:
+    """A model's row for the tables and the bar plot: its label and shown values by column (and "avg")."""
+    return {"model": model, "label": row_label(model), "values": {**bench[model]["values"], "avg": bench[model]["avg"]}}
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _bold_best(rows: list[dict], labels: list[str], candidates: set[str]) -> dict[str, float]:
+    """Per column label, the best shown value among the candidate rows (None when no candidate has one)."""
+    best = {}
+    for label in labels:
+        values = [r["values"][label] for r in rows if r["model"] in candidates and r["values"].get(label) is not None]
+        if values:
+            best[label] = max(values)
+    return best
+
+
+def _fmt(value, best: float | None = None, partial: bool = False, digits: int = 2) -> str:
+    text = _cell(value, digits)
+    if value is not None and best is not None and value == best:
+        text = f"**{text}**"
+    if value is not None and partial:
+        text += STAR
+    return text
+
+
+def _link(plots: dict[str, str | None], name: str, caption: str, reason: str) -> list[str]:
+    if plots.get(name):
+        return [f"![{caption}]({plots[name]})", ""]
+    return [f"No {caption.lower()} plot: {reason}.", ""]
+
+
+# ---------------------------------------------------------------------------
+# Plots (standalone Agg figures, deterministic bytes)
+# ---------------------------------------------------------------------------
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 3.6)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=DPI)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def _png_bytes(fig) -> bytes:
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": "prefkd", "path.simplify": True}):
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically (temp file next to it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_benchmarks(rows: list[dict], labels: list[str]) -> bytes | None:
+    """Grouped bars: one group per task (and the average), one bar per model."""
+    columns = labels + ["avg"]
+    if not rows or not labels:
+        return None
+    fig, (ax,) = _figure(size=(max(6.4, 1.2 * len(columns) + 2), 3.8))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        vals = r["values"]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j, c in enumerate(columns) if vals.get(c) is not None]
+        ys = [vals[c] for c in columns if vals.get(c) is not None]
+        ax.bar(xs, ys, width=width, label=r["label"], color=f"C{i % 10}")
+    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("score x100")
+    ax.set_title("Benchmarks")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png_bytes(fig)
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(metrics: dict[str, list[dict]]) -> bytes | None:
+    """Loss against step, one line per run; teacher runs left, student runs right."""
+    groups = {"teacher runs": [], "student runs": []}
+    for name, rows in metrics.items():
+        if rows:
+            groups["teacher runs" if name.startswith("teacher") else "student runs"].append(name)
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        return None
+    fig, axes = _figure(1, len(groups), size=(5.0 * len(groups), 3.6))
+    color = {name: f"C{i % 10}" for i, name in enumerate(metrics)}
+    for ax, (title, names) in zip(axes, groups.items()):
+        losses = [r["loss"] for n in names for r in metrics[n]]
+        for n in names:
+            ax.plot([r["step"] for r in metrics[n]], [r["loss"] for r in metrics[n]], label=n, color=color[n], linewidth=1)
+        if min(losses) > 0 and max(losses) / min(losses) > 20:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+    return _png_bytes(fig)
+
+
+def plot_reward_accuracy(metrics: dict[str, list[dict]]) -> bytes | None:
+    """rewards/accuracy of the preference runs against step, as a running mean."""
+    runs = {n: [r for r in rows if _is_number(r.get("rewards/accuracy"))] for n, rows in metrics.items()}
+    runs = {n: rows for n, rows in runs.items() if rows}
+    if not runs:
+        return None
+    fig, (ax,) = _figure()
+    for i, (n, rows) in enumerate(runs.items()):
+        acc = _running_mean([r["rewards/accuracy"] for r in rows], SMOOTH_WINDOW)
+        ax.plot([r["step"] for r in rows], acc, label=n, color=f"C{i % 10}", linewidth=1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"rewards/accuracy (running mean of {SMOOTH_WINDOW})")
+    ax.set_title("Training reward accuracy")
+    ax.legend(fontsize=7)
+    return _png_bytes(fig)
+
+
+def plot_weight_histograms(weights: dict) -> bytes | None:
+    """Per signal set: the chosen and rejected unit-weight histograms (last bin includes larger values)."""
+    sets = {
+        name: w
+        for name, w in weights.items()
+        if isinstance(w, dict) and w.get("weight_bins") and any(sum(h) for h in (w.get("weight_hist") or {}).values())
+    }
+    if not sets:
+        return None
+    ncols = min(3, len(sets))
+    nrows = -(-len(sets) // ncols)
+    fig, axes = _figure(nrows, ncols, size=(3.6 * ncols + 0.6, 3.0 * nrows + 0.2))
+    for ax in axes[len(sets) :]:
+        ax.set_axis_off()
+    for ax, (name, w) in zip(axes, sets.items()):
+        bins = w["weight_bins"]
+        step = bins[1] - bins[0] if len(bins) > 1 else 1.0
+        for i, side in enumerate(("chosen", "rejected")):
+            hist = (w["weight_hist"] or {}).get(side)
+            if hist:
+                ax.bar(bins[: len(hist)], hist, width=step, align="edge", alpha=0.55, label=side, color=f"C{i}")
+        ax.set_title(f"{name} ({w.get('unit', '?')})", fontsize=9)
+        ax.set_xlabel("weight")
+        ax.set_ylabel("units")
+        ax.legend(fontsize=7)
+    return _png_bytes(fig)
+
+
+def plot_span_sizes(alignment: dict) -> bytes | None:
+    """Bars of the span-size histogram (tokens of the larger side per aligned span), all splits."""
+    hist = (alignment.get("all") or {}).get("span_size_hist") or {}
+    if not hist or not sum(hist.values()):
+        return None
+    keys = sorted(hist, key=lambda k: int(str(k).rstrip("+")))
+    fig, (ax,) = _figure(size=(5.0, 3.2))
+    ax.bar(range(len(keys)), [hist[k] for k in keys], color="C0")
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_yscale("log")
+    ax.set_xlabel("span size (tokens, larger side)")
+    ax.set_ylabel("spans")
+    ax.set_title("Aligned span sizes")
+    return _png_bytes(fig)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+def _benchmark_section(main, bench, columns, suites, plots) -> tuple[list[str], dict]:
+    labels = [c["label"] for c in columns]
+    lines = ["## Benchmarks (paper Table 1 layout)", ""]
+    table: dict = {}
+    if not columns:
+        lines += ["No benchmark scores: no suite was evaluated (set the evaluation suites in the config).", ""]
+        return lines, table
+    rows = [_plot_row(m, bench) for m in main]
+    students = {m for m in main if m not in TEACHER_ROWS}
+    best = _bold_best(rows, labels + ["avg"], students)
+    body = []
+    for r in rows:
+        partial = bench[r["model"]]["partial"]
+        vals = r["values"]
+        cells = [_fmt(vals[label], best.get(label)) for label in labels]
+        cells.append(_fmt(vals["avg"], best.get("avg"), partial))
+        body.append([r["label"]] + cells)
+        table.update({(r["label"], k): v for k, v in vals.items() if v is not None})
+    lines += [f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column.", ""]
+    lines += _md_table(["model"] + labels + ["avg"], body) + [""]
+    partial = [r["label"] for r in rows if bench[r["model"]]["partial"]]
+    if partial:
+        lines += [
+            f"{STAR} average over the tasks that have a score only ({', '.join(partial)}); "
+            f"{DASH} marks a task with no score for that model.",
+            "",
+        ]
+    lines += _link(plots, "benchmarks", "Benchmarks", "no benchmark scores")
+    return lines, table
+
+
+def _preference_section(order, prefs, rewards) -> tuple[list[str], dict]:
+    lines = ["## Preference and reward", ""]
+    have_reward = any(rewards.get(m) for m in order)
+    header = ["model", "pref acc", "margin", "logp acc", "pairs"]
+    if have_reward:
+        header += ["win rate", "wins", "ties", "losses", "judge"]
+    table: dict = {}
+    body = []
+    for m in order:
+        p = prefs[m]
+        vals = {
+            "pref acc": pct(p.get("accuracy") if _is_number(p.get("accuracy")) else None),
+            "margin": fixed(p.get("margin") if _is_number(p.get("margin")) else None, 3),
+            "logp acc": pct(p.get("logp_accuracy") if _is_number(p.get("logp_accuracy")) else None),
+            "pairs": int(p["pairs"]) if _is_number(p.get("pairs")) else None,
+        }
+        digits = {"margin": 3}
+        if have_reward:
+            r = rewards.get(m) or {}
+            vals["win rate"] = pct(r.get("win_rate") if _is_number(r.get("win_rate")) else None)
+            for k in ("wins", "ties", "losses"):
+                vals[k] = int(r[k]) if _is_number(r.get(k)) else None
+        label = row_label(m)
+        cells = [_cell(vals[h], digits.get(h, 2)) for h in header[1:] if h != "judge"]
+        if have_reward:
+            cells.append(str((rewards.get(m) or {}).get("judge") or DASH))
+        body.append([label] + cells)
+        table.update({(label, k): float(v) for k, v in vals.items() if v is not None})
+    ref = sorted({str(prefs[m].get("reference")) for m in order if prefs[m].get("reference")})
+    lines += [
+        "Held-out test pairs. pref acc: share (x100) of pairs whose implicit reward "
+        "beta * log(pi/pi_ref) ranks chosen above rejected (ties count half)"
+        + (f", reference {', '.join(ref)}" if ref else "")
+        + "; margin: mean reward margin; logp acc: share (x100) where the summed response log-prob "
+        "of chosen beats rejected (reference-free).",
+        "",
+    ]
+    if have_reward:
+        baselines = sorted({str(r.get("baseline")) for r in rewards.values() if r and r.get("baseline")})
+        lines += [
+            f"win rate: share (x100) of held-out prompts where the judge scores the model's answer above "
+            f"the answer of {', '.join(baselines) or 'student-sft'} (ties count half); {DASH}: no reward.json.",
+            "",
+        ]
+    lines += _md_table(header, body) + [""]
+    if not have_reward:
+        lines += ["No reward.json for any model: the reward-model win rates were not computed.", ""]
+    return lines, table
+
+
+def _ablation_section(ablations, bench, prefs, columns) -> tuple[list[str], dict]:
+    lines = ["## Ablations", ""]
+    if not ablations:
+        lines += ["No ablation ran; set `distill.methods: [all]` in the config to run every ablation of the paper.", ""]
+        return lines, {}
+    rows = (["student-ctpd"] if "student-ctpd" in bench else []) + ablations
+    labels = [c["label"] for c in columns]
+    header = ["model"] + labels + ["avg", "pref acc", PAPER_AVG_COLUMN]
+    table: dict = {}
+    body = []
+    for m in rows:
+        label = row_label(m)
+        acc = prefs[m].get("accuracy")
+        vals = {**bench[m]["values"], "avg": bench[m]["avg"], "pref acc": pct(acc if _is_number(acc) else None)}
+        vals[PAPER_AVG_COLUMN] = PAPER_ABLATION_AVG.get(m)
+        cells = [_fmt(vals[h], partial=(h == "avg" and bench[m]["partial"])) for h in header[1:]]
+        body.append([label] + cells)
+        table.update({(label, k): v for k, v in vals.items() if v is not None})
+    lines += [
+        f"Same benchmark columns as above, plus held-out preference accuracy. The column "
+        f"\"{PAPER_AVG_COLUMN}\" is the PAPER's Table-1 average for that variant (Qwen-2.5-14B teacher -> "
+        f"Llama-3.1-8B student), not a number of this run; the paper reports none for mean aggregation.",
+        "",
+    ]
+    lines += _md_table(header, body) + [""]
+    if any(bench[m]["partial"] for m in rows):
+        lines += [f"{STAR} average over the tasks that have a score only.", ""]
+    return lines, table
+
+
+def _alignment_section(alignment: dict, plots) -> tuple[list[str], dict]:
+    lines = ["## Alignment", ""]
+    splits = [s for s in SPLIT_ORDER if isinstance(alignment.get(s), dict)]
+    splits += [s for s in alignment if s not in splits and isinstance(alignment[s], dict)]
+    metrics: list[tuple[str, callable, int]] = [
+        ("pairs in", lambda a: a.get("pairs_in"), 0),
+        ("pairs out", lambda a: a.get("pairs_out"), 0),
+        ("spans", lambda a: a.get("spans"), 0),
+        ("1:1 spans", lambda a: a.get("one_to_one_spans"), 0),
+        ("1:1 span share (%)", lambda a: pct(a["one_to_one_share"]) if _is_number(a.get("one_to_one_share")) else None, 2),
+    ]
+    for role in ("teacher", "student"):
+        metrics.append((f"{role} tokens per span", lambda a, r=role: fixed((a.get("tokens_per_span") or {}).get(r), 3), 3))
+    for role in ("teacher", "student"):
+        metrics.append((f"prompts truncated ({role})", lambda a, r=role: (a.get("prompts_truncated") or {}).get(r), 0))
+    for side in ("chosen", "rejected"):
+        metrics.append((f"responses truncated ({side})", lambda a, s=side: (a.get("responses_truncated") or {}).get(s), 0))
+    reasons: list[str] = []
+    for s in splits:
+        reasons += [k for k in (alignment[s].get("drops") or {}) if k not in reasons]
+    for reason in reasons:
+        metrics.append((f"dropped: {reason}", lambda a, k=reason: (a.get("drops") or {}).get(k, 0), 0))
+    table: dict = {}
+    body = []
+    for name, get, digits in metrics:
+        values = [get(alignment[s]) for s in splits]
+        if all(v is None for v in values):
+            continue
+        body.append([name] + [_cell(v if not isinstance(v, float) or digits else int(v), digits) for v in values])
+        table.update({(name, s): float(v) for s, v in zip(splits, values) if v is not None})
+    lines += [
+        "Teacher and student tokenizations of every response are cut into aligned spans (the finest "
+        "common coarsening); a 1:1 span is one token on both sides. Pairs dropped are counted by reason.",
+        "",
+    ]
+    lines += _md_table(["statistic"] + splits, body) + [""]
+    lines += _link(plots, "span_sizes", "Span sizes", "the alignment report has no span-size histogram")
+    return lines, table
+
+
+def _weights_section(weights: dict | None, weights_path: Path | None, plots) -> tuple[list[str], dict]:
+    lines = ["## Span weights", ""]
+    if weights is None:
+        where = f" ({weights_path} does not exist)" if weights_path else ""
+        lines += [f"No span-weight statistics{where}: the weights table and the weight-histogram plot are skipped.", ""]
+        return lines, {}
+    sets = {k: v for k, v in weights.items() if isinstance(v, dict)}
+    header = ["signal set", "unit", "transform", "pairs", "mean w chosen", "mean w rejected"]
+    header += ["inside chosen", "outside chosen", "inside rejected", "outside rejected", "finds planted"]
+    table: dict = {}
+    body = []
+    for name, w in sets.items():
+        mean = w.get("mean_weight") or {}
+        check = w.get("planted_check") or {}
+        vals = {
+            "pairs": int(w["pairs"]) if _is_number(w.get("pairs")) else None,
+            "mean w chosen": fixed(mean.get("chosen"), 3),
+            "mean w rejected": fixed(mean.get("rejected"), 3),
+        }
+        for side in ("chosen", "rejected"):
+            for where in ("inside", "outside"):
+                vals[f"{where} {side}"] = fixed((check.get(side) or {}).get(where), 3)
+        found = check.get("finds_planted_differences")
+        found_text = DASH if found is None else ("yes" if found else "no")
+        spec = w.get("spec") or {}
+        cells = [_cell(vals[h], 3) for h in header[3:-1]]
+        body.append([name, str(w.get("unit") or DASH), str(spec.get("transform") or DASH)] + cells + [found_text])
+        table.update({(name, k): float(v) for k, v in vals.items() if v is not None})
+    lines += [
+        "Mean unit weight per side over the training pairs. Planted-difference check (demo data only): "
+        "mean weight of the units inside the planted differences vs outside them; CTPD weights should be "
+        "higher inside on both sides (finds planted = yes).",
+        "",
+    ]
+    lines += _md_table(header, body) + [""]
+    lines += _link(plots, "weight_histograms", "Weight histograms", "no signal set has a weight histogram")
+    return lines, table
+
+
+def _training_section(runs: dict[str, Path], metrics: dict[str, list[dict]], plots) -> tuple[list[str], dict]:
+    lines = ["## Training", ""]
+    if not runs:
+        lines += ["No training runs were given.", ""]
+        return lines, {}
+    header = ["run", "steps", "final loss", "reward acc", "reward margin", "kd loss"]
+    table: dict = {}
+    body = []
+    missing = []
+    for name, path in runs.items():
+        rows = metrics[name]
+        if not rows:
+            missing.append(f"{name} ({Path(path) / 'metrics.jsonl'})")
+            body.append([name] + [DASH] * (len(header) - 1))
+            continue
+        tail = rows[-TAIL_STEPS:]
+
+        def tail_mean(key, tail=tail):
+            xs = [r[key] for r in tail if _is_number(r.get(key))]
+            return sum(xs) / len(xs) if xs else None
+
+        vals = {
+            "steps": int(rows[-1]["step"]),
+            "final loss": fixed(rows[-1]["loss"], 4),
+            "reward acc": pct(tail_mean("rewards/accuracy")),
+            "reward margin": fixed(tail_mean("rewards/margin"), 3),
+            "kd loss": fixed(tail_mean("kd/loss"), 4),
+        }
+        digits = {"final loss": 4, "reward margin": 3, "kd loss": 4}
+        body.append([name] + [_cell(vals[h], digits.get(h, 2)) for h in header[1:]])
+        table.update({(name, k): float(v) for k, v in vals.items() if v is not None})
+    lines += [
+        f"final loss: the last logged step's loss; reward acc (x100), reward margin and kd loss: means over "
+        f"the last {TAIL_STEPS} logged steps (preference runs log rewards, KD runs a KD loss).",
+        "",
+    ]
+    lines += _md_table(header, body) + [""]
+    if missing:
+        lines += [f"No metrics.jsonl for {', '.join(missing)}: those runs have no numbers or curves.", ""]
+    lines += _link(plots, "training_curves", "Training curves", "no run has a metrics.jsonl")
+    lines += _link(plots, "reward_accuracy", "Reward accuracy", "no run logged rewards/accuracy")
+    return lines, table
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+
+def build_report(
+    experiment: str,
+    models: dict[str, Path],
+    suites: list[str],
+    alignment: Path,
+    weights: Path | None,
+    runs: dict[str, Path],
+    out_md: Path,
+    plots_dir: Path,
+) -> dict:
+    """Write ``out_md`` and the PNGs under ``plots_dir``; return the numbers put in the tables.
+
+    models: model name -> its eval dir (holding <suite>.json for every suite, preference.json and
+    optionally reward.json). runs: run name -> training dir (optionally holding metrics.jsonl).
+    The result's "tables" maps each section ("Benchmarks", "Preference", "Ablations", "Alignment",
+    "Span weights", "Training") to {(row label, column): number}, what ``table_numbers`` parses back.
+    """
+    out_md, plots_dir = Path(out_md), Path(plots_dir)
+    models = {m: Path(p) for m, p in models.items()}
+    # Required inputs first, so a missing one fails before anything is written.
+    scores = {m: {s: read_suite(d, s) for s in suites} for m, d in models.items()}
+    prefs = {m: _read_json(d / "preference.json", "preference result") for m, d in models.items()}
+    align = _read_json(Path(alignment), "alignment report")
+    rewards = {m: _optional_json(d / "reward.json", "reward result") for m, d in models.items()}
+    weight_stats = _optional_json(weights, "span-weight report")
+    metrics = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
+
+    columns = benchmark_columns(scores, suites)
+    labels = [c["label"] for c in columns]
+    bench = {m: benchmark_row(scores[m], columns) for m in models}
+    main, ablations = order_models(list(models))
+
+    rows_for_plot = [_plot_row(m, bench) for m in main + ablations]
+    images = {
+        "benchmarks": plot_benchmarks(rows_for_plot, labels),
+        "training_curves": plot_training(metrics),
+        "reward_accuracy": plot_reward_accuracy(metrics),
+        "weight_histograms": plot_weight_histograms(weight_stats) if weight_stats else None,
+        "span_sizes": plot_span_sizes(align),
+    }
+    rel = Path(os.path.relpath(plots_dir, out_md.parent))
+    plots = {name: (rel / f"{name}.png").as_posix() if data else None for name, data in images.items()}
+
+    lines = [
+        f"# prefkd report: {experiment}",
+        "",
+        f"How to read: benchmark and accuracy numbers are percentages (fractions x100, 2 decimals); "
+        f"{DASH} marks a missing value and {STAR} an average over the values that exist; bold marks the "
+        f"best student per column. Every number comes from the JSON files under results/{experiment}/ "
+        f"(eval/<model>/, stats/, models/, students/).",
+        "",
+    ]
+    tables = {}
+    for key, (section, table) in {
+        "Benchmarks": _benchmark_section(main, bench, columns, suites, plots),
+        "Preference": _preference_section(main + ablations, prefs, rewards),
+        "Ablations": _ablation_section(ablations, bench, prefs, columns),
+        "Alignment": _alignment_section(align, plots),
+        "Span weights": _weights_section(weight_stats, weights, plots),
+        "Training": _training_section(runs, metrics, plots),
+    }.items():
+        lines += section
+        tables[key] = table
+    text = "\n".join(lines).rstrip("\n") + "\n"
+
+    with atomic_dir(plots_dir) as tmp:
+        for name, data in images.items():
+            if data:
+                _write_bytes(tmp / f"{name}.png", data)
+    _write_bytes(out_md, text.encode("utf-8"))
+    return {
+        "columns": columns,
+        "rows": {m: row_label(m) for m in main},
+        "ablation_rows": {m: row_label(m) for m in ablations},
+        "benchmarks": bench,
+        "plots": plots,
+        "tables": tables,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Parsing the report back (tests, workflow checks)
+# ---------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
+
+
+def _number(cell: str) -> float | None:
+    text = cell.replace("\\*", "").replace("*", "").strip().rstrip("%")
+    return float(text) if _NUMBER.match(text) else None
+
+
+def table_rows(md_text: str, section: str) -> tuple[list[str], list[list[str]]]:
+    """The header and raw rows of the first table under the "## <section>..." heading ([] when none)."""
+    lines = md_text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## ") and line[3:].startswith(section)), None)
+    if start is None:
+        return [], []
+    block: list[list[str]] = []
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            break
+    if len(block) < 2:
+        return [], []
+    return block[0], block[2:]
+
+
+def table_numbers(md_text: str, section: str = "Benchmarks") -> dict[tuple[str, str], float]:
+    """{(row label, column): number} of the table under the heading that starts with ``section``.
+
+    Bold and footnote marks are stripped; cells that are not numbers (the dash, text) are left out.
+    """
+    header, rows = table_rows(md_text, section)
+    out = {}
+    for row in rows:
+        label = row[0].replace("**", "")
+        for column, cell in zip(header[1:], row[1:]):
+            value = _number(cell)
+            if value is not None:
+                out[(label, column)] = value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items or []:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise PrefkdError(f"{flag} {item!r} must look like NAME=PATH.")
+        if name in out:
+            raise PrefkdError(f"{flag} {name} is given twice.")
+        out[name] = Path(path)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True, help="experiment name (the report's title)")
+    # Each list option is repeatable and takes one or more values: --model a=X b=Y == --model a=X --model b=Y.
+    p.add_argument("--model", action="extend", nargs="+", default=[], metavar="NAME=EVAL_DIR", help="models and their eval dirs")
+    p.add_argument("--suite", action="extend", nargs="+", default=[], metavar="NAME", help="benchmark suites, in config order")
+    p.add_argument("--alignment", required=True, type=Path, help="stats/alignment.json")
+    p.add_argument("--weights", type=Path, default=None, help="stats/weights.json (optional)")
+    p.add_argument("--run", action="extend", nargs="+", default=[], metavar="NAME=DIR", help="training run dirs holding metrics.jsonl")
+    p.add_argument("--out", required=True, type=Path, help="report.md to write")
+    p.add_argument("--plots", required=True, type=Path, help="folder for the report's PNGs (replaced as a whole)")
+
+
+def run(args) -> int:
+    result = build_report(
+        args.experiment,
+        _pairs(args.model, "--model"),
+        list(args.suite),
+        args.alignment,
+        args.weights,
+        _pairs(args.run, "--run"),
+        args.out,
+        args.plots,
+    )
+    print(json.dumps({"report": str(args.out), "plots": sorted(k for k, v in result["plots"].items() if v)}))
+    return 0
+
+
+__all__ = ["build_report", "table_numbers", "table_rows", "read_metrics", "row_label", "add_arguments", "run"]
