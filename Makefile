@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	. $(BIN)/activate && snakemake --cores $(CORES)
+	. $(BIN)/activate && snakemake --cores $(CORES) && snakemake --report results/demo/report.html
 
 test: $(STAMP)
 	. $(BIN)/activate && python -m pytest $(PYTEST_ARGS)

@@ -60,8 +60,10 @@ def _sentence(error: jsonschema.ValidationError) -> str:
         return f"config key '{key}' must be {op} {schema[v]}, got {inst!r}."
     if v == "pattern":
         return f"config key '{key}' must match the pattern {schema['pattern']}, got {inst!r}."
-    if v == "minLength":
+    if v in ("minLength", "minItems"):
         return f"config key '{key}' must not be empty."
+    if v == "not" and "enum" in schema.get("not", {}):
+        return f"config key '{key}' must not use the name {inst!r}; reserved names are: {', '.join(schema['not']['enum'])}."
     return f"config key '{key}' is invalid: {error.message}."
 
 

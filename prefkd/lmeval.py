@@ -39,7 +39,11 @@ DEFAULT_METRICS = {
     "leaderboard_bbh": "acc_norm",
     "prefkd_pref_mc": "acc",
     "prefkd_arith": "exact_match",
+    "prefkd_reply": "chrf",
 }
+
+# Metrics lm-eval reports on a 0-100 scale; scores keep every value as a fraction.
+PERCENT_METRICS = {"bleu", "chrf", "chrf++", "ter"}
 
 # lm-eval extras some task families need: (task-name prefixes, extra, modules it installs).
 TASK_EXTRAS = (
@@ -99,17 +103,18 @@ def _chosen_index(pair_id: int, seed: int) -> int:
 
 def task_records(rows: list[dict], seed: int = 1) -> dict[str, list[dict]]:
     """Held-out pairs -> the demo tasks' records (pure)."""
-    mc, arith = [], []
+    mc, reply, arith = [], [], []
     for row in sorted(rows, key=lambda r: r["pair_id"]):
         question = prompt_text(row["prompt"])
         k = _chosen_index(int(row["pair_id"]), seed)
         choices = [row["rejected"], row["chosen"]] if k else [row["chosen"], row["rejected"]]
         mc.append({"pair_id": int(row["pair_id"]), "question": question, "choices": choices, "label": k})
+        reply.append({"pair_id": int(row["pair_id"]), "question": question, "answer": row["chosen"]})
         user = next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
         answer = arithmetic_answer(user)
         if answer is not None:
             arith.append({"pair_id": int(row["pair_id"]), "question": question, "answer": str(answer)})
-    return {"pref_mc": mc, "arith": arith}
+    return {"pref_mc": mc, "reply": reply, "arith": arith}
 
 
 def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
@@ -128,6 +133,18 @@ def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
                     fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
         write_json(tmp / "counts.json", counts)
     return counts
+
+
+TASK_DATA_VERSION = 2  # bump when task_records changes what it writes
+
+
+def local_tasks_digest() -> str:
+    """sha256 (16 hex) of the shipped task YAMLs and the task-data format: the workflow passes it as a
+    param, so editing a local task reruns its data and its evaluations."""
+    digest = hashlib.sha256(str(TASK_DATA_VERSION).encode())
+    for path in sorted(TASKS_DIR.glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _local_task_file(task: str) -> Path:
@@ -191,9 +208,10 @@ def pick_metric(entry: dict, metric: str) -> tuple[float | None, float | None, s
     name, _, filt = key.partition(",")
     stderr = entry.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
     value = entry[key]
+    scale = 100.0 if name in PERCENT_METRICS else 1.0
     return (
-        float(value) if isinstance(value, (int, float)) else None,
-        float(stderr) if isinstance(stderr, (int, float)) else None,
+        float(value) / scale if isinstance(value, (int, float)) else None,
+        float(stderr) / scale if isinstance(stderr, (int, float)) else None,
         key,
     )
 

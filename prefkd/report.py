@@ -65,6 +65,16 @@ PAPER_ABLATION_AVG = {
     "student-student-ref": 65.27,
 }
 PAPER_AVG_COLUMN = "paper avg (14B->8B)"
+
+
+def _teacher_reference_methods() -> set[str]:
+    """Student methods whose preference loss uses a teacher model's log-probs as its reference."""
+    from prefkd.methods import METHODS, SIGNAL_SETS
+
+    return {n for n, m in METHODS.items() if (m.reference or m.weights) and SIGNAL_SETS[m.reference or m.weights].ref[0].startswith("teacher")}
+
+
+TEACHER_REFERENCE_METHODS = _teacher_reference_methods()
 SPLIT_ORDER = ("all", "train", "valid", "test")
 PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
 DPI = 100
@@ -227,11 +237,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _bold_best(rows: list[dict], labels: list[str], candidates: set[str]) -> dict[str, float]:
-    """Per column label, the best shown value among the candidate rows (None when no candidate has one)."""
+    """Per column label, the best shown value among the candidate rows; no entry when no candidate has a
+    value or all candidates tie (nothing stands out)."""
     best = {}
     for label in labels:
         values = [r["values"][label] for r in rows if r["model"] in candidates and r["values"].get(label) is not None]
-        if values:
+        if values and len(set(values)) > 1:
             best[label] = max(values)
     return best
 
@@ -424,8 +435,9 @@ def _benchmark_section(main, bench, columns, suites, plots) -> tuple[list[str], 
     for r in rows:
         partial = bench[r["model"]]["partial"]
         vals = r["values"]
-        cells = [_fmt(vals[label], best.get(label)) for label in labels]
-        cells.append(_fmt(vals["avg"], best.get("avg"), partial))
+        is_student = r["model"] in students
+        cells = [_fmt(vals[label], best.get(label) if is_student else None) for label in labels]
+        cells.append(_fmt(vals["avg"], best.get("avg") if is_student else None, partial))
         body.append([r["label"]] + cells)
         table.update({(r["label"], k): v for k, v in vals.items() if v is not None})
     lines += [f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column.", ""]
@@ -637,6 +649,14 @@ def _training_section(runs: dict[str, Path], metrics: dict[str, list[dict]], plo
         "",
     ]
     lines += _md_table(header, body) + [""]
+    span_runs = [n for n in runs if n.startswith("student-") and n.removeprefix("student-") in TEACHER_REFERENCE_METHODS]
+    if span_runs:
+        lines += [
+            f"The training rewards of {', '.join(span_runs)} are measured against the teacher's reference span "
+            "log-probs, i.e. the student relative to another model, so their level (often a negative margin) is "
+            "not progress; the held-out preference accuracy above uses the student SFT as the reference of every student.",
+            "",
+        ]
     if missing:
         lines += [f"No metrics.jsonl for {', '.join(missing)}: those runs have no numbers or curves.", ""]
     lines += _link(plots, "training_curves", "Training curves", "no run has a metrics.jsonl")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from prefkd.errors import PrefkdError
+from prefkd.evaluate import pick_device
 from prefkd.files import write_json
 
 IMPLICIT = "implicit"
@@ -61,15 +62,6 @@ def load_prompts(data_path, max_prompts: int, seed: int = 1) -> list[dict]:
     if max_prompts:
         rows = rows[:max_prompts]
     return [{"pair_id": int(r["pair_id"]), "prompt": [dict(m) for m in r["prompt"]]} for r in rows]
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto`` -> cuda when available, else cpu; anything else is returned as is."""
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pad_id(tokenizer) -> int:
@@ -271,8 +263,8 @@ def reward_model_text(tokenizer, prompt: list[dict], answer: str) -> tuple[str, 
 class RewardModelJudge:
     """A Hugging Face sequence-classification reward model; score = logit 0 of the rendered conversation.
 
-    Loaded from a local directory or the Hugging Face cache only (download it beforehand); pickled weights
-    only with ``allow_pickle``.  Long inputs are truncated from the left so the answer is kept.
+    Loaded from a local directory or the Hugging Face Hub (only its cache when HF_HUB_OFFLINE=1); pickled
+    weights only with ``allow_pickle``.  Long inputs are truncated from the left so the answer is kept.
     """
 
     def __init__(
@@ -291,7 +283,7 @@ class RewardModelJudge:
         self.trust_remote_code, self.allow_pickle = trust_remote_code, allow_pickle
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                self.name, local_files_only=True, trust_remote_code=trust_remote_code
+                self.name, trust_remote_code=trust_remote_code
             )
         except Exception as exc:  # noqa: BLE001 - transformers / the Hub raise many kinds of errors
             raise self._error(exc) from exc
@@ -306,7 +298,7 @@ class RewardModelJudge:
     def _error(self, exc: BaseException) -> PrefkdError:
         first = (str(exc).strip().splitlines() or ["no details"])[0].rstrip(".")
         return PrefkdError(
-            f"Could not load the reward model {self.name} from a local path or the Hugging Face cache "
+            f"Could not load the reward model {self.name} from a local path or the Hugging Face Hub "
             f"({type(exc).__name__}: {first}); download it first (e.g. `hf download {self.name}`)."
         )
 
@@ -326,7 +318,6 @@ class RewardModelJudge:
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.name,
-                    local_files_only=True,
                     trust_remote_code=self.trust_remote_code,
                     dtype=_torch_dtype(self.dtype),
                     use_safetensors=None if self.allow_pickle else True,

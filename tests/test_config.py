@@ -99,6 +99,32 @@ def test_real_pairs_match_the_paper_and_the_seed():
             assert config[role]["tokenizer"] == config[role]["model"]
 
 
+def test_real_configs_evaluate_the_papers_benchmarks():
+    expected = [("hellaswag", 10), ("arc_challenge", 25), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
+    for name in ("seed-mistral7b-qwen1.5b.yaml", "paper-qwen14b-llama8b.yaml"):
+        suites = load_config(REPO / "configs" / name)["evaluation"]["suites"]
+        assert [(t["task"], t["num_fewshot"]) for t in suites["openllm"]["tasks"]] == expected
+        assert [t["label"] for t in suites["openllm"]["tasks"]] == ["HellaSwag", "ARC", "MMLU", "TruthfulQA", "Winogrande", "GSM8K"]
+        assert {t["task"] for t in suites["leaderboard"]["tasks"]} == {"leaderboard_ifeval", "leaderboard_bbh"}
+    assert load_config(REPO / "configs" / "paper-qwen14b-llama8b.yaml")["distill"]["methods"] == ["all"]
+
+
+@pytest.mark.parametrize(
+    "suites, words",
+    [
+        ({"preference": {"tasks": [{"task": "x"}]}}, ["evaluation.suites", "'preference'", "reserved"]),
+        ({"ok": {"tasks": []}}, ["evaluation.suites.ok.tasks", "must not be empty"]),
+        ({"ok": {"tasks": [{"task": "x", "shots": 3}]}}, ["evaluation.suites.ok.tasks.0.shots", "num_fewshot"]),
+    ],
+)
+def test_bad_evaluation_suites(suites, words):
+    config = base_config()
+    config["evaluation"] = {"suites": suites}
+    message = error_of(config)
+    for word in words:
+        assert word in message
+
+
 def test_hh_demo_points_at_the_shared_file():
     config = load_config(REPO / "configs" / "hh-harmless-demo.yaml")
     assert config["data"]["format"] == "hh"

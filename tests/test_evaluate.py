@@ -70,7 +70,8 @@ def test_arithmetic_answers_come_from_the_question():
 def test_task_records_put_the_chosen_response_at_the_label():
     rows = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(60, seed=1))]
     recs = task_records(rows, seed=1)
-    assert len(recs["pref_mc"]) == 60
+    assert len(recs["pref_mc"]) == 60 and len(recs["reply"]) == 60
+    assert all(r["answer"] == row["chosen"] for r, row in zip(recs["reply"], rows))
     labels = []
     for rec, row in zip(recs["pref_mc"], rows):
         assert rec["choices"][rec["label"]] == row["chosen"]
@@ -90,6 +91,8 @@ def test_pick_metric_and_groups():
     gsm = {"exact_match,strict-match": 0.3, "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.4}
     assert pick_metric(gsm, "exact_match,flexible-extract")[0] == 0.4
     assert pick_metric(gsm, "exact_match")[2] in ("exact_match,flexible-extract", "exact_match,strict-match")
+    # sacrebleu metrics come on a 0-100 scale; scores are fractions
+    assert pick_metric({"chrf,none": 31.5, "chrf_stderr,none": "N/A"}, "chrf") == (0.315, None, "chrf,none")
     results = {
         "results": {"mmlu": {"acc,none": 0.1}, "arc_challenge": {"acc_norm,none": 0.7}},
         "groups": {"mmlu": {"acc,none": 0.45, "acc_stderr,none": 0.01}},
@@ -192,8 +195,10 @@ def _lm_eval_choice_logps(model, tokenizer, context: str, continuation: str) -> 
 def test_lm_eval_runs_the_local_tasks_offline_and_matches_a_hand_computation(setup, tmp_path):
     counts = write_task_data(setup["data"], tmp_path / "tasks")
     assert counts["pref_mc"] == PAIRS and counts["arith"] > 0
-    suite = {"tasks": [{"task": "prefkd_pref_mc", "label": "Pref-MC"}, {"task": "prefkd_arith", "label": "Arith"}], "batch_size": 4}
-    result = run_suite(setup["student"], suite, tmp_path / "tasks", seed=1, device="cpu")
+    tasks = [{"task": "prefkd_pref_mc", "label": "Pref-MC"}, {"task": "prefkd_arith", "label": "Arith"}, {"task": "prefkd_reply"}]
+    result = run_suite(setup["student"], {"tasks": tasks, "batch_size": 4, "limit": 8}, tmp_path / "tasks", seed=1, device="cpu")
+    assert result["scores"]["prefkd_reply"]["samples"] == 8 and 0 <= result["scores"]["prefkd_reply"]["value"] <= 1
+    result = run_suite(setup["student"], {"tasks": tasks[:2], "batch_size": 4}, tmp_path / "tasks", seed=1, device="cpu")
     mc, arith = result["scores"]["prefkd_pref_mc"], result["scores"]["prefkd_arith"]
     assert mc["samples"] == PAIRS and arith["samples"] == counts["arith"]
     assert arith["metric"] == "exact_match,extract" and 0 <= arith["value"] <= 1

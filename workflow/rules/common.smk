@@ -3,9 +3,11 @@ import sys
 from pathlib import Path
 
 import re
+import shlex
 
 from prefkd.config import validate_config
 from prefkd.errors import PrefkdError
+from prefkd.lmeval import local_tasks_digest, suite_argument
 from prefkd.methods import SIGNAL_SETS as LIB_SIGNAL_SETS
 from prefkd.methods import method as lib_method
 from prefkd.methods import resolve_methods, signal_sets_for
@@ -219,6 +221,84 @@ def distill_args(name, input):
     return args
 
 
+# ---------------------------------------------------------------------------
+# Evaluation and the report
+# ---------------------------------------------------------------------------
+
+EVAL = config["evaluation"]
+SUITES = list(EVAL["suites"])
+EVALUATING = TRAINING and EVAL["enabled"]
+
+
+def _eval_models():
+    """teacher-sft, teacher-pos (when it is its own model), student-sft, student-<method>..."""
+    names = ["teacher-sft"]
+    if pos_model("teacher") != sft_model("teacher"):
+        names.append("teacher-pos")
+    names += ["student-sft"] + [f"student-{m}" for m in STUDENT_METHODS if m != "sft"]
+    return names
+
+
+EVAL_MODELS = _eval_models() if EVALUATING else []
+STUDENT_EVAL_MODELS = [m for m in EVAL_MODELS if m.startswith("student-")]
+
+
+def eval_model_dir(name):
+    role, _, kind = name.partition("-")
+    if role == "student" and kind != "sft":
+        return f"{R}/students/{kind}"
+    return model_path(name)
+
+
+def eval_role(name):
+    return name.partition("-")[0]
+
+
+def suite_task_data(suite):
+    """The local tasks' data folder when the suite uses prefkd_ tasks, else nothing."""
+    from prefkd.lmeval import LOCAL_PREFIX
+
+    local = any(t["task"].startswith(LOCAL_PREFIX) for t in EVAL["suites"][suite]["tasks"])
+    return f"{R}/eval/tasks" if local else []
+
+
+def reward_judge_models():
+    return [pos_model("teacher"), neg_model("teacher")] if EVAL["reward"]["judge"] == "implicit" else []
+
+
+def reward_judge_args():
+    judge = EVAL["reward"]["judge"]
+    if judge == "implicit":
+        return f"--judge implicit --pos {pos_model('teacher')} --neg {neg_model('teacher')}"
+    return f"--judge {shlex.quote(judge)}"
+
+
+def reward_judge_name():
+    judge = EVAL["reward"]["judge"]
+    return "implicit:teacher-pos/teacher-neg" if judge == "implicit" else judge
+
+
+REWARD = EVALUATING and EVAL["reward"]["enabled"]
+
+
+def report_inputs():
+    files = []
+    for m in EVAL_MODELS:
+        files += [f"{R}/eval/{m}/preference.json"] + [f"{R}/eval/{m}/{s}.json" for s in SUITES]
+        if REWARD and m in STUDENT_EVAL_MODELS:
+            files.append(f"{R}/eval/{m}/reward.json")
+    return files
+
+
+def report_runs():
+    """Training runs whose metrics.jsonl the report plots (name -> model dir)."""
+    runs = {"teacher-sft": sft_model("teacher"), "student-sft": sft_model("student")}
+    if config["contrastive"]["construction"] == "dpo":
+        runs.update({"teacher-pos": pos_model("teacher"), "teacher-neg": neg_model("teacher")})
+    runs.update({f"student-{m}": f"{R}/students/{m}" for m in STUDENT_METHODS if m != "sft"})
+    return runs
+
+
 def all_targets():
     targets = [f"{R}/stats/alignment.json"]
     if TRAINING:
@@ -226,4 +306,6 @@ def all_targets():
         targets += [f"{R}/students/{m}" for m in STUDENT_METHODS]
         if config["contrastive"]["student_pair"]:
             targets += [pos_model("student"), neg_model("student")]
+    if EVALUATING:
+        targets.append(f"{R}/report.md")
     return targets
