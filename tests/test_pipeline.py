@@ -148,13 +148,23 @@ def test_changing_only_evaluation_settings_never_reruns_training(pipeline: Proje
     assert not set(counts) & TRAINING_RULES
 
 
-def test_changing_a_training_setting_reruns_training_and_evaluation(pipeline: Project):
+@pytest.mark.parametrize(
+    "section, key, value, reruns, kept",
+    [
+        ("distill", "lr", 1.0e-4, {"distill": 2}, {"sft", "dpo", "signals", "model_init"}),
+        ("signals", "upper", 1.0, {"signals": 3, "distill": 1, "weights_stats": 1}, {"sft", "dpo", "model_init"}),
+    ],
+    ids=["distill.lr", "signals.upper"],
+)
+def test_a_training_setting_reruns_its_stage_downstream_only(pipeline: Project, section, key, value, reruns, kept):
     config = copy.deepcopy(PIPELINE_CONFIG)
-    config["distill"]["lr"] = 1.0e-4
+    config.setdefault(section, {})[key] = value
     pipeline.write_config(config)
     try:
         counts = job_counts(pipeline.dry_run())
     finally:
         pipeline.write_config(PIPELINE_CONFIG)
-    assert counts.get("distill") == 2 and counts.get("report") == 1
-    assert "sft" not in counts and "dpo" not in counts
+    for rule, n in reruns.items():
+        assert counts.get(rule) == n, counts
+    assert counts.get("report") == 1, counts
+    assert not kept & set(counts), counts

@@ -171,7 +171,7 @@ def signal_models(sigset):
     return sorted({model_path(x[0]) for x in (s["ref"], s["pos"], s["neg"]) if x})
 
 
-def signal_args(sigset, input):
+def signal_args(sigset):
     s = SIGNAL_SETS[sigset]
     sig = config["signals"]
     transform = s["transform"] or sig["transform"]
@@ -204,7 +204,7 @@ def method_extra_inputs(name):
     return [kd_teacher()] if lib_method(name).kd else []
 
 
-def distill_args(name, input):
+def distill_args(name):
     m = lib_method(name)
     d = config["distill"]
     kd = f" --kd {m.kd} --kd-teacher {kd_teacher()} --temperature {d['temperature']}" if m.kd else ""

@@ -31,7 +31,8 @@ rule distill:
     params:
         launch=launch_prefix,
         common=train_common,
-        args=lambda w, input: distill_args(w.method, input),
+        # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
+        args=lambda w: distill_args(w.method),
     wildcard_constraints:
         method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
     threads: 2

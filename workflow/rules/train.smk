@@ -184,7 +184,8 @@ rule signals:
     output:
         f"{R}/signals/{{sigset}}/{{split}}/shard-{{scatteritem}}.arrow",
     params:
-        args=lambda w, input: signal_args(w.sigset, input),
+        # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
+        args=lambda w: signal_args(w.sigset),
     wildcard_constraints:
         sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
         split="train|valid|test",
