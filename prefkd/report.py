@@ -171,7 +171,8 @@ def _cell(value, digits: int = 2) -> str:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return f"{value:.{digits}f}"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def row_label(model: str) -> str:
