@@ -7,6 +7,7 @@ Everything runs in a temporary copy of the project, offline, each snakemake call
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -147,6 +148,9 @@ def test_dry_run_and_lint(project: Project, configfile: str):
     shards = yaml.safe_load((project.root / configfile).read_text())["tokenize"]["shards"]
     assert counts.get("tokenize_align") == 3 * shards
     assert counts.get("tokenizer") == 2
+    if "leaderboard_ifeval" in (project.root / configfile).read_text() and importlib.util.find_spec("langdetect") is None:
+        # a missing lm-eval extra is said when the DAG is built, not hours later in the evaluation jobs
+        assert "pip install 'lm-eval[ifeval]'" in out
     lint = project.snakemake("--lint", *args)
     assert "in a good condition" in lint, lint[-3000:]
 

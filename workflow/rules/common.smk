@@ -240,6 +240,19 @@ def _eval_models():
 
 
 EVAL_MODELS = _eval_models() if EVALUATING else []
+
+
+def _warn_missing_extras():
+    """Say at DAG time (not hours later in the evaluation jobs) when a task's lm-eval extra is missing here."""
+    from prefkd.lmeval import missing_extras
+
+    tasks = sorted({t["task"] for suite in EVAL["suites"].values() for t in suite["tasks"]})
+    for problem in missing_extras(tasks):
+        sys.stderr.write(f"prefkd warning: {problem}; its evaluation jobs will stop with this message.\n")
+
+
+if EVALUATING:
+    _warn_missing_extras()
 STUDENT_EVAL_MODELS = [m for m in EVAL_MODELS if m.startswith("student-")]
 
 
