@@ -69,14 +69,12 @@ import shutil
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = Path(os.environ.get("PREFKD_WHEEL_DIR", REPO_ROOT / ".cache" / "wheels"))
 CACHE_DIR = REPO_ROOT / ".cache" / "bench-tokenizers"
-TOKENIZERS = (("teacher", "mistral-v0.3"), ("student", "qwen2.5"))
 
 ALIGNMENT_TARGET = 30.0
 STAGE_TARGET = 1.5
@@ -112,23 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tokenizer_dirs() -> tuple[dict[str, Path], bool]:
-    """{role: dir}, building missing ones atomically (temp dir + rename). Returns (dirs, built_any)."""
-    from prefkd.tokenizers import build_builtin, build_fingerprint
+    """{role: dir}, building missing ones atomically. Returns (dirs, built_any)."""
+    from prefkd.tokenizers import cached_demo_tokenizers
 
-    root = CACHE_DIR / build_fingerprint()
-    root.mkdir(parents=True, exist_ok=True)
-    dirs, built = {}, False
-    for role, name in TOKENIZERS:
-        out = root / role
-        if not (out / "tokenizer.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=root))
-            build_builtin(name, tmp, WHEEL_DIR)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-            built = True
-        dirs[role] = out
+    dirs, built = cached_demo_tokenizers(CACHE_DIR, WHEEL_DIR)
+    root = next(iter(dirs.values())).parent
     if built:  # drop builds for other hashes not touched for an hour
         for old in CACHE_DIR.iterdir():
             if old.is_dir() and old != root and time.time() - old.stat().st_mtime > 3600:

@@ -173,22 +173,9 @@ def reset_hwm() -> bool:
 
 
 def tokenizer_dirs() -> dict[str, Path]:
-    from prefkd.tokenizers import build_builtin, build_fingerprint
+    from prefkd.tokenizers import cached_demo_tokenizers
 
-    root = CACHE_DIR / build_fingerprint()
-    root.mkdir(parents=True, exist_ok=True)
-    dirs = {}
-    for role, name in (("teacher", "mistral-v0.3"), ("student", "qwen2.5")):
-        out = root / role
-        if not (out / "tokenizer.json").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=root))
-            build_builtin(name, tmp, WHEEL_DIR)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-        dirs[role] = out
-    return dirs
+    return cached_demo_tokenizers(CACHE_DIR, WHEEL_DIR)[0]
 
 
 def _data_key(args) -> str:

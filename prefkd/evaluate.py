@@ -79,16 +79,14 @@ def evaluate_preference(model_dir, role: str, tokens, ref_signals, beta: float, 
     """Preference metrics of the model in ``model_dir`` on the held-out token shards."""
     from prefkd.batches import PairTable
     from prefkd.models import load_model
-    from transformers import AutoTokenizer
+    from prefkd.tokenizers import load_tokenizer, pad_id
 
     table = PairTable(tokens, ref_signals)
     if table.signal_unit and table.signal_unit != "token":
         raise PrefkdError(f"reference signals must be in token units, not {table.signal_unit!r} (use the dpo-ref-{role} shards).")
     device = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_model(str(model_dir)).to(device)
-    pc, pr, rc, rr = response_logps(model, table, role, pad_id, batch_size, device)
+    pc, pr, rc, rr = response_logps(model, table, role, pad_id(load_tokenizer(model_dir)), batch_size, device)
     return preference_summary(pc, pr, rc, rr, beta)
 
 

@@ -102,7 +102,7 @@ def _chosen_index(pair_id: int, seed: int) -> int:
 
 
 def task_records(rows: list[dict], seed: int = 1) -> dict[str, list[dict]]:
-    """Held-out pairs -> the demo tasks' records (pure)."""
+    """Held-out pairs -> the demo tasks' records, keyed by task name (pure)."""
     mc, reply, arith = [], [], []
     for row in sorted(rows, key=lambda r: r["pair_id"]):
         question = prompt_text(row["prompt"])
@@ -114,11 +114,11 @@ def task_records(rows: list[dict], seed: int = 1) -> dict[str, list[dict]]:
         answer = arithmetic_answer(user)
         if answer is not None:
             arith.append({"pair_id": int(row["pair_id"]), "question": question, "answer": str(answer)})
-    return {"pref_mc": mc, "reply": reply, "arith": arith}
+    return {"prefkd_pref_mc": mc, "prefkd_reply": reply, "prefkd_arith": arith}
 
 
 def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
-    """Write the demo tasks' JSONL files from a prepared split (parquet); returns the counts."""
+    """Write each demo task's <task>.jsonl from a prepared split (parquet); returns the counts per task."""
     import pyarrow.parquet as pq
 
     from prefkd.files import atomic_dir
@@ -135,7 +135,7 @@ def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
     return counts
 
 
-TASK_DATA_VERSION = 2  # bump when task_records changes what it writes
+TASK_DATA_VERSION = 3  # bump when task_records changes what it writes
 
 
 def local_tasks_digest() -> str:
@@ -153,11 +153,6 @@ def _local_task_file(task: str) -> Path:
         known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
         raise PrefkdError(f"unknown local lm-eval task {task!r}; prefkd ships: {', '.join(known)}.")
     return path
-
-
-def _local_data_file(task: str) -> str:
-    m = re.search(r'"@DATA_DIR@/([^"]+)"', _local_task_file(task).read_text(encoding="utf-8"))
-    return m.group(1) if m else ""
 
 
 def _write_local_tasks(tasks: list[str], data_dir: Path | None, include: Path) -> None:
@@ -253,19 +248,22 @@ def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     from prefkd.evaluate import pick_device
     from prefkd.models import load_model
+    from prefkd.tokenizers import load_tokenizer
 
+    local = [t for t in names if t.startswith(LOCAL_PREFIX)]
+    for t in local:
+        _local_task_file(t)  # an unknown local task stops here, before any model is loaded
     skipped = {}
     if task_data is not None:
         counts = json.loads((Path(task_data) / "counts.json").read_text())
-        for t in names:
-            if t.startswith(LOCAL_PREFIX) and counts.get(Path(_local_data_file(t)).stem, 0) == 0:
+        for t in local:
+            if counts.get(t, 0) == 0:
                 skipped[t] = "no held-out prompts of this kind"
     device = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     model = load_model(str(model_dir)).to(device).eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite["batch_size"], max_length=suite["max_length"])
     merged: dict = {"results": {}, "groups": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "higher_is_better": {}}

@@ -33,6 +33,7 @@ from pathlib import Path
 from prefkd.errors import PrefkdError
 from prefkd.evaluate import pick_device
 from prefkd.files import write_json
+from prefkd.tokenizers import pad_id
 
 IMPLICIT = "implicit"
 
@@ -62,10 +63,6 @@ def load_prompts(data_path, max_prompts: int, seed: int = 1) -> list[dict]:
     if max_prompts:
         rows = rows[:max_prompts]
     return [{"pair_id": int(r["pair_id"]), "prompt": [dict(m) for m in r["prompt"]]} for r in rows]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def render_prompt(tokenizer, prompt: list[dict]) -> str:
@@ -108,7 +105,7 @@ def _generation_config(model, tokenizer, max_new_tokens: int):
     gen.num_beams = 1
     gen.max_new_tokens = max_new_tokens
     gen.max_length = None
-    gen.pad_token_id = _pad_id(tokenizer)
+    gen.pad_token_id = pad_id(tokenizer)
     stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     stops = [s for s in stops if s is not None]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
@@ -213,7 +210,7 @@ class ImplicitJudge:
 
         from prefkd.losses import model_token_logps
 
-        pad = _pad_id(self.tokenizer)
+        pad = pad_id(self.tokenizer)
         sums = []
         for rows in _batches(len(seqs), self.batch_size):
             width = max(len(seqs[i][0]) for i in rows)

@@ -230,7 +230,7 @@ def compute_signals(rows: list[dict], unit: str, pos: Scorer | None, neg: Scorer
 def run_shard(tokens: Path, out: Path, role: str, unit: str, reference: str, pos: str | None, neg: str | None, spec: WeightSpec, batch_size: int = 8, roles: dict | None = None) -> dict:
     """One signal shard. ``role`` scores every model unless ``roles`` ({"ref"|"pos"|"neg": role}) says otherwise."""
     from prefkd.models import load_model
-    from prefkd.tokenizers import load_tokenizer
+    from prefkd.tokenizers import load_tokenizer, pad_id
 
     torch.manual_seed(spec.seed)
     table = read_shard(tokens, "tokens")
@@ -246,9 +246,7 @@ def run_shard(tokens: Path, out: Path, role: str, unit: str, reference: str, pos
             model = load_model(path)
             model.eval()
             loaded[key] = model
-        tokenizer = load_tokenizer(path)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return Scorer(loaded[key], roles[name], pad_id)
+        return Scorer(loaded[key], roles[name], pad_id(load_tokenizer(path)))
 
     ref_s, pos_s, neg_s = get(reference, "ref"), get(pos, "pos"), get(neg, "neg")
     signals, stats = compute_signals(rows, unit, pos_s, neg_s, ref_s, spec, batch_size)

@@ -359,6 +359,30 @@ def _builtin_spec(name: str) -> BuiltinSpec:
         raise PrefkdError(f"Unknown builtin tokenizer {name!r}; known ones are {known}.") from None
 
 
+DEMO_TOKENIZERS = (("teacher", "mistral-v0.3"), ("student", "qwen2.5"))
+
+
+def cached_demo_tokenizers(cache_dir: Path, wheel_dir: Path) -> tuple[dict[str, Path], bool]:
+    """The demo's teacher and student tokenizers under ``cache_dir/<build_fingerprint()>/<role>``, building
+    missing ones atomically (temp dir + rename; a process that loses the race drops its copy).
+    Returns ({role: dir}, whether anything was built)."""
+    root = Path(cache_dir) / build_fingerprint()
+    root.mkdir(parents=True, exist_ok=True)
+    dirs, built = {}, False
+    for role, name in DEMO_TOKENIZERS:
+        out = root / role
+        if not (out / "tokenizer.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=root))
+            build_builtin(name, tmp, wheel_dir)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+            built = True
+        dirs[role] = out
+    return dirs, built
+
+
 def build_builtin(name: str, out_dir: Path, wheel_dir: Path) -> None:
     """Build the builtin tokenizer ``name`` into ``out_dir`` (created if needed; not atomic by itself)."""
     spec = _builtin_spec(name)
@@ -464,6 +488,11 @@ def materialize_tokenizer(
             raise PrefkdError(
                 f"The tokenizer {source} has no chat template; pass one with --chat-template FILE.jinja."
             )
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -195,12 +195,12 @@ class _KD:
     def __init__(self, s: TrainSettings, student_model, student_tokenizer, device):
         from prefkd.kd import build_kd
         from prefkd.models import load_model
-        from prefkd.tokenizers import load_tokenizer
+        from prefkd.tokenizers import load_tokenizer, pad_id
 
         if not s.kd_teacher:
             raise PrefkdError("a KD term needs the teacher model; pass --kd-teacher DIR.")
         self.tokenizer = load_tokenizer(s.kd_teacher)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_id(self.tokenizer)
         self.teacher_model = load_model(s.kd_teacher).to(device).eval()
         for p in self.teacher_model.parameters():
             p.requires_grad_(False)
@@ -293,6 +293,7 @@ def train(s: TrainSettings) -> dict:
     from prefkd.batches import PairTable, epoch_order
     from prefkd.models import load_model, save_model
     from prefkd.tokenizers import load_tokenizer
+    from prefkd.tokenizers import pad_id as pad_id_of
 
     if s.stage not in STAGES:
         raise PrefkdError(f"stage must be one of {', '.join(STAGES)}, got {s.stage!r}.")
@@ -308,7 +309,7 @@ def train(s: TrainSettings) -> dict:
     fingerprint = s.fingerprint()
 
     tokenizer = load_tokenizer(s.init)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     model = load_model(s.init, tokenizer=tokenizer)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

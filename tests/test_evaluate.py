@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,15 +69,15 @@ def test_arithmetic_answers_come_from_the_question():
 def test_task_records_put_the_chosen_response_at_the_label():
     rows = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(60, seed=1))]
     recs = task_records(rows, seed=1)
-    assert len(recs["pref_mc"]) == 60 and len(recs["reply"]) == 60
-    assert all(r["answer"] == row["chosen"] for r, row in zip(recs["reply"], rows))
+    assert len(recs["prefkd_pref_mc"]) == 60 and len(recs["prefkd_reply"]) == 60
+    assert all(r["answer"] == row["chosen"] for r, row in zip(recs["prefkd_reply"], rows))
     labels = []
-    for rec, row in zip(recs["pref_mc"], rows):
+    for rec, row in zip(recs["prefkd_pref_mc"], rows):
         assert rec["choices"][rec["label"]] == row["chosen"]
         assert rec["choices"][1 - rec["label"]] == row["rejected"]
         labels.append(rec["label"])
     assert 15 < sum(labels) < 45  # both positions used
-    arith = recs["arith"]
+    arith = recs["prefkd_arith"]
     assert arith and all(int(r["answer"]) == arithmetic_answer(r["question"].splitlines()[-1]) for r in arith)
     # the true result, not whatever the chosen response claims
     assert all(r["answer"] in next(x["chosen"] for x in rows if x["pair_id"] == r["pair_id"]) for r in arith)
@@ -194,20 +193,20 @@ def _lm_eval_choice_logps(model, tokenizer, context: str, continuation: str) -> 
 
 def test_lm_eval_runs_the_local_tasks_offline_and_matches_a_hand_computation(setup, tmp_path):
     counts = write_task_data(setup["data"], tmp_path / "tasks")
-    assert counts["pref_mc"] == PAIRS and counts["arith"] > 0
+    assert counts["prefkd_pref_mc"] == PAIRS and counts["prefkd_arith"] > 0
     tasks = [{"task": "prefkd_pref_mc", "label": "Pref-MC"}, {"task": "prefkd_arith", "label": "Arith"}, {"task": "prefkd_reply"}]
     result = run_suite(setup["student"], {"tasks": tasks, "batch_size": 4, "limit": 8}, tmp_path / "tasks", seed=1, device="cpu")
     assert result["scores"]["prefkd_reply"]["samples"] == 8 and 0 <= result["scores"]["prefkd_reply"]["value"] <= 1
     result = run_suite(setup["student"], {"tasks": tasks[:2], "batch_size": 4}, tmp_path / "tasks", seed=1, device="cpu")
     mc, arith = result["scores"]["prefkd_pref_mc"], result["scores"]["prefkd_arith"]
-    assert mc["samples"] == PAIRS and arith["samples"] == counts["arith"]
+    assert mc["samples"] == PAIRS and arith["samples"] == counts["prefkd_arith"]
     assert arith["metric"] == "exact_match,extract" and 0 <= arith["value"] <= 1
     assert result["settings"]["lm_eval_version"] and result["lm_eval"]["results"]["prefkd_pref_mc"]
     # the harness's multiple-choice accuracy, recomputed by hand (context, then " " + choice)
     from transformers import AutoTokenizer
 
     model, tok = load_model(str(setup["student"])).eval(), AutoTokenizer.from_pretrained(str(setup["student"]))
-    recs = [json.loads(x) for x in (tmp_path / "tasks" / "pref_mc.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "tasks" / "prefkd_pref_mc.jsonl").read_text().splitlines()]
     hits = 0
     for rec in recs:
         scores = [_lm_eval_choice_logps(model, tok, rec["question"], " " + c) for c in rec["choices"]]
@@ -220,7 +219,7 @@ def test_a_local_task_without_data_is_reported_as_skipped(setup, tmp_path):
     rows = [r for r in pq.read_table(setup["data"]).to_pylist() if arithmetic_answer(r["prompt"][-1]["content"]) is None][:4]
     data = tmp_path / "no-arith.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
-    assert write_task_data(data, tmp_path / "tasks")["arith"] == 0
+    assert write_task_data(data, tmp_path / "tasks")["prefkd_arith"] == 0
     result = run_suite(setup["student"], {"tasks": ["prefkd_arith", "prefkd_pref_mc"]}, tmp_path / "tasks", device="cpu")
     assert result["scores"]["prefkd_arith"]["value"] is None and "no held-out prompts" in result["scores"]["prefkd_arith"]["skipped"]
     assert result["scores"]["prefkd_pref_mc"]["samples"] == 4

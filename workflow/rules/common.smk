@@ -7,7 +7,7 @@ import shlex
 
 from prefkd.config import validate_config
 from prefkd.errors import PrefkdError
-from prefkd.lmeval import local_tasks_digest, suite_argument
+from prefkd.lmeval import LOCAL_PREFIX, local_tasks_digest, missing_extras, suite_argument
 from prefkd.methods import SIGNAL_SETS as LIB_SIGNAL_SETS
 from prefkd.methods import method as lib_method
 from prefkd.methods import resolve_methods, signal_sets_for
@@ -240,12 +240,11 @@ def _eval_models():
 
 
 EVAL_MODELS = _eval_models() if EVALUATING else []
+STUDENT_EVAL_MODELS = [m for m in EVAL_MODELS if m.startswith("student-")]
 
 
 def _warn_missing_extras():
     """Say at DAG time (not hours later in the evaluation jobs) when a task's lm-eval extra is missing here."""
-    from prefkd.lmeval import missing_extras
-
     tasks = sorted({t["task"] for suite in EVAL["suites"].values() for t in suite["tasks"]})
     for problem in missing_extras(tasks):
         sys.stderr.write(f"prefkd warning: {problem}; its evaluation jobs will stop with this message.\n")
@@ -253,7 +252,6 @@ def _warn_missing_extras():
 
 if EVALUATING:
     _warn_missing_extras()
-STUDENT_EVAL_MODELS = [m for m in EVAL_MODELS if m.startswith("student-")]
 
 
 def eval_model_dir(name):
@@ -269,8 +267,6 @@ def eval_role(name):
 
 def suite_task_data(suite):
     """The local tasks' data folder when the suite uses prefkd_ tasks, else nothing."""
-    from prefkd.lmeval import LOCAL_PREFIX
-
     local = any(t["task"].startswith(LOCAL_PREFIX) for t in EVAL["suites"][suite]["tasks"])
     return f"{R}/eval/tasks" if local else []
 
