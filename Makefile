@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: demo test install lint clean-demo benchmarks
+.PHONY: demo test install lint format clean-demo benchmarks
 
 install: $(STAMP)
 
@@ -33,8 +33,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	. $(BIN)/activate && python -m pytest $(PYTEST_ARGS)
 
+LINT_PATHS    := prefkd tests benchmarks
+
 lint: $(STAMP)
-	. $(BIN)/activate && snakemake --lint && snakemake -n --quiet
+	. $(BIN)/activate && ruff check $(LINT_PATHS) && ruff format --check $(LINT_PATHS) \
+		&& snakefmt --check workflow && snakemake --lint && snakemake -n --quiet
+
+format: $(STAMP)
+	. $(BIN)/activate && ruff check --fix $(LINT_PATHS) && ruff format $(LINT_PATHS) && snakefmt workflow
 
 benchmarks: $(STAMP)
 	. $(BIN)/activate && python benchmarks/alignment.py --quick && python benchmarks/signals.py --quick && python benchmarks/student_step.py --quick

@@ -7,13 +7,13 @@ Usage::
                                    [--max-length L] [--max-prompt-length P]
                                    [--tokenizers-parallelism true|false]
 
-Data: ``prefkd.demo_data.generate_demo_pairs(N, seed)`` (``pair_id`` added as the
+Data: ``prefkd.data.demo.generate_demo_pairs(N, seed)`` (``pair_id`` added as the
 row index, as ``prefkd prepare`` does), tokenized by the real demo tokenizers:
 teacher = ``builtin:mistral-v0.3`` (SentencePiece, byte fallback), student =
 ``builtin:qwen2.5`` (byte-level BPE). Both are built once with
-``prefkd.tokenizers.build_builtin`` from the wheels in ``.cache/wheels`` and
+``prefkd.assets.tokenizers.build_builtin`` from the wheels in ``.cache/wheels`` and
 cached under ``.cache/bench-tokenizers/<hash>/{teacher,student}``; the hash
-covers ``prefkd/tokenizers.py``, ``prefkd/templates/*`` and the
+covers ``prefkd/assets/tokenizers.py``, ``prefkd/assets/templates/*`` and the
 transformers/tokenizers versions, so a change to any of them rebuilds.
 
 The two ratios are both measured in the same process, on the same data. Each
@@ -30,7 +30,7 @@ adjacent samples (the most robust on a busy machine).
     rejected response (rows whose token bytes round-trip the text and that have
     at least one token per side; in practice all of them). Input of both: the
     byte start of every teacher token and every student token in the response's
-    UTF-8 bytes (from ``prefkd.align.token_starts``) and the response byte
+    UTF-8 bytes (from ``prefkd.core.align.token_starts``) and the response byte
     lengths. ``align`` gets them as CSR numpy arrays (its native format),
     ``align_reference`` as Python lists of lists (its native format); the
     conversion between the two is done once, outside the timing. Before any
@@ -39,7 +39,7 @@ adjacent samples (the most robust on a busy machine).
     end offsets. Target: >= 30.
 
 ``stage_over_floor`` = time(tokenize_pairs) / time(floor)
-    Stage: ``prefkd.tokenize_align.tokenize_pairs(records, teacher, student,
+    Stage: ``prefkd.data.tokenize_align.tokenize_pairs(records, teacher, student,
     max_length, max_prompt_length)`` -- the whole stage in memory: chat-template
     rendering, prompt tokenization and truncation, response tokenization, byte
     round-trip checks, alignment, span-prefix truncation, EOS, and the Arrow
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def tokenizer_dirs() -> tuple[dict[str, Path], bool]:
     """{role: dir}, building missing ones atomically. Returns (dirs, built_any)."""
-    from prefkd.tokenizers import cached_demo_tokenizers
+    from prefkd.assets.tokenizers import cached_demo_tokenizers
 
     dirs, built = cached_demo_tokenizers(CACHE_DIR, WHEEL_DIR)
     root = next(iter(dirs.values())).parent
@@ -177,8 +177,8 @@ def alignment_inputs(records, teacher, student):
     """Token byte starts of both sides for every chosen and rejected response (rows that can be aligned)."""
     import numpy as np
 
-    from prefkd import align as A
-    from prefkd.tokenize_align import _utf8
+    from prefkd.core import align as A
+    from prefkd.data.tokenize_align import _utf8
 
     texts = [r[side] for side in ("chosen", "rejected") for r in records]
     text, text_splits = _utf8(texts)
@@ -250,10 +250,10 @@ def main(argv=None) -> int:
     import tokenizers
     import transformers
 
-    from prefkd.align import align, align_reference
-    from prefkd.demo_data import generate_demo_pairs
-    from prefkd.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.tokenizers import load_tokenizer
+    from prefkd.core.align import align, align_reference
+    from prefkd.data.demo import generate_demo_pairs
+    from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+    from prefkd.assets.tokenizers import load_tokenizer
 
     t0 = time.perf_counter()
     dirs, built = tokenizer_dirs()

@@ -3,7 +3,7 @@
     python benchmarks/signals.py [--quick] [--pairs N] [--repeats R]
 
 Prints one JSON line with ``signals_over_forward`` = time of
-``prefkd.signals.compute_signals`` (contrastive pair pi+ / pi-, reference = pi+ so
+``prefkd.training.signals.compute_signals`` (contrastive pair pi+ / pi-, reference = pi+ so
 two models are run, CTPD weights over aligned spans, per-span scatter, the weight
 transform and the Arrow table) divided by the time of plain
 ``model(input_ids, attention_mask).logits`` calls of the same two models, under
@@ -46,12 +46,12 @@ def main() -> int:
 
     import torch
 
-    from prefkd.batches import collate_pairs
-    from prefkd.demo_data import generate_demo_pairs
-    from prefkd.models import tiny_config
-    from prefkd.signals import Scorer, WeightSpec, compute_signals
-    from prefkd.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.tokenizers import build_builtin, default_wheel_dir, load_tokenizer
+    from prefkd.data.batches import collate_pairs
+    from prefkd.data.demo import generate_demo_pairs
+    from prefkd.assets.models import tiny_config
+    from prefkd.training.signals import Scorer, WeightSpec, compute_signals
+    from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+    from prefkd.assets.tokenizers import build_builtin, default_wheel_dir, load_tokenizer
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cache = ROOT / ".cache" / "bench-tokenizers" / "signals"

@@ -31,11 +31,11 @@ covering the sizes, library versions and the prefkd sources involved; tokenizers
 cached in ``.cache/bench-tokenizers/<hash>/``, the same cache as ``alignment.py``):
 
 - tokenizers: the real Mistral-7B-v0.3 (teacher) and Qwen2.5 (student) ones, built by
-  ``prefkd.tokenizers.build_builtin``;
+  ``prefkd.assets.tokenizers.build_builtin``;
 - pairs: the first ``--pairs`` embedded demo pairs (seed 1), tokenized and aligned by
   ``tokenize_pairs`` (max_length 512, max_prompt_length 256: nothing is cut, as for TRL
   with ``max_length=None``), written as a token shard;
-- signals: ``prefkd.signals.compute_signals`` (what ``run_shard`` calls, without saving
+- signals: ``prefkd.training.signals.compute_signals`` (what ``run_shard`` calls, without saving
   and reloading the models) with two tiny random Mistral teachers over the real Mistral
   vocabulary: CTPD weights from pi+ / pi-, reference span log-probs from pi+, written as
   a signal shard with run_shard's metadata. Any fixed teacher values do for timing; the
@@ -48,8 +48,9 @@ cached in ``.cache/bench-tokenizers/<hash>/``, the same cache as ``alignment.py`
   body has 3.4 M weights), and no CPU body that fits in a 60 s run changes that: in a
   real 1.5 B student the body dominates, here the vocabulary (head, embedding gradient,
   AdamW over the embedding) does. Both sides pay the same body;
-- CTPD step, as ``prefkd.train.train`` does it: ``_compute(model, batch, settings)``
-  with ``TrainSettings(stage="preference", unit="span", role="student")`` on
+- CTPD step, as ``prefkd.training.engine.train`` does it: ``stage.loss(model, batch)`` of the
+  ``PreferenceStage`` (``prefkd.training.stages.make_stage``) of
+  ``TrainSettings(stage="preference", unit="span", role="student")`` on
   ``collate_pairs(rows, "student", "span", pad, with_signals=True)`` (the LM head only on
   response positions, fused backward), ``loss.backward()``, ``clip_grad_norm_(1.0)``,
   the engine's ``torch.optim.AdamW`` (two groups, ``fused=True`` as in the engine),
@@ -173,7 +174,7 @@ def reset_hwm() -> bool:
 
 
 def tokenizer_dirs() -> dict[str, Path]:
-    from prefkd.tokenizers import cached_demo_tokenizers
+    from prefkd.assets.tokenizers import cached_demo_tokenizers
 
     return cached_demo_tokenizers(CACHE_DIR, WHEEL_DIR)[0]
 
@@ -220,12 +221,12 @@ def prepare(args, work: Path) -> dict:
     from transformers import MistralForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from prefkd.demo_data import generate_demo_pairs
-    from prefkd.models import build_tiny_model, tiny_config
-    from prefkd.shards import write_shard
-    from prefkd.signals import Scorer, WeightSpec, compute_signals
-    from prefkd.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.tokenizers import load_tokenizer
+    from prefkd.data.demo import generate_demo_pairs
+    from prefkd.assets.models import build_tiny_model, tiny_config
+    from prefkd.io.shards import write_shard
+    from prefkd.training.signals import Scorer, WeightSpec, compute_signals
+    from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+    from prefkd.assets.tokenizers import load_tokenizer
 
     hf_logging.disable_progress_bar()
     dirs = tokenizer_dirs()
@@ -239,7 +240,7 @@ def prepare(args, work: Path) -> dict:
         raise SystemExit("a response got truncated; TRL (max_length=None) would see more tokens")
     write_shard(table, work / "tokens.arrow", kind="tokens", stats=stats)
 
-    # fixed teacher-side signals, as the signals stage writes them (prefkd.signals.run_shard, minus saving
+    # fixed teacher-side signals, as the signals stage writes them (prefkd.training.signals.run_shard, minus saving
     # and reloading the models): CTPD weights from a tiny Mistral pi+ / pi- pair over the real Mistral
     # vocabulary, reference span log-probs from pi+
     teachers = []
@@ -285,10 +286,10 @@ def common_imports():
     import trl  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    import prefkd.batches  # noqa: F401
-    import prefkd.losses  # noqa: F401
-    import prefkd.models  # noqa: F401
-    import prefkd.train  # noqa: F401
+    import prefkd.data.batches  # noqa: F401
+    import prefkd.core.logprobs  # noqa: F401
+    import prefkd.assets.models  # noqa: F401
+    import prefkd.training.engine  # noqa: F401
 
 
 class Segments:
@@ -314,15 +315,16 @@ class Segments:
 
 
 class CTPDSide:
-    """The engine's preference step: _compute -> backward -> clip -> AdamW step -> zero_grad."""
+    """The engine's preference step: stage.loss -> backward -> clip -> AdamW step -> zero_grad."""
 
     def __init__(self, work: Path):
         import torch
 
-        from prefkd.batches import PairTable, collate_pairs
-        from prefkd.models import load_model
-        from prefkd.tokenizers import load_tokenizer
-        from prefkd.train import TrainSettings
+        from prefkd.assets.models import load_model
+        from prefkd.assets.tokenizers import load_tokenizer
+        from prefkd.data.batches import PairTable, collate_pairs
+        from prefkd.training.engine import TrainSettings
+        from prefkd.training.stages import make_stage
 
         tok = load_tokenizer(work / "student")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -334,6 +336,7 @@ class CTPDSide:
         self.model = load_model(str(work / "student"), tokenizer=tok)
         self.model.config.use_cache = False
         self.model.train()
+        self.stage = make_stage(self.settings, self.model, tok, "cpu")
         s = self.settings
         decay = [p for _, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in self.model.named_parameters() if p.ndim < 2]
@@ -344,11 +347,9 @@ class CTPDSide:
     def step(self) -> float:
         import torch
 
-        from prefkd.train import _compute
-
         seg = self.seg
         seg.mark("forward")
-        loss, _ = _compute(self.model, self.batch, self.settings)
+        loss, _ = self.stage.loss(self.model, self.batch)
         seg.mark("backward")
         loss.backward()
         seg.mark("clip+optimizer")
@@ -384,8 +385,8 @@ class TRLSide:
         from trl import DPOConfig, DPOTrainer
 
         import trl.trainer.utils as trl_utils
-        from prefkd.models import load_model
-        from prefkd.tokenizers import load_tokenizer
+        from prefkd.assets.models import load_model
+        from prefkd.assets.tokenizers import load_tokenizer
 
         tok = load_tokenizer(work / "student")
         rows = json.loads((work / "trl.json").read_text())
@@ -472,7 +473,7 @@ def serve(args) -> int:
     common_imports()
     from transformers.utils import logging as hf_logging
 
-    from prefkd.batches import PairTable
+    from prefkd.data.batches import PairTable
 
     hf_logging.disable_progress_bar()
     if sys.stdin.readline().strip() != "go":  # the parent prepares the data meanwhile

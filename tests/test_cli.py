@@ -82,7 +82,7 @@ def test_spans_on_the_real_hh_file(tmp_path, teacher_tokenizer_dir, student_toke
 
 def test_llama3_template_renders_the_header_format():
     env = jinja2.Environment()
-    template = env.from_string((ROOT / "prefkd" / "templates" / "llama3.jinja").read_text())
+    template = env.from_string((ROOT / "prefkd" / "assets" / "templates" / "llama3.jinja").read_text())
     text = template.render(
         bos_token="<|begin_of_text|>",
         messages=[{"role": "system", "content": "S"}, {"role": "user", "content": " hi "}],

@@ -2,20 +2,32 @@
 import sys
 from pathlib import Path
 
+import hashlib
+import json
 import re
-import shlex
 
-from prefkd.config import validate_config
+from prefkd.assets.tokenizers import BUILTIN, TEMPLATES_DIR, resolve_chat_template
+from prefkd.core.methods import method as lib_method
+from prefkd.core.methods import models_for_set, resolve_methods, signal_plan
+from prefkd.core.settings import config_values, to_flags
 from prefkd.errors import PrefkdError
-from prefkd.lmeval import LOCAL_PREFIX, local_tasks_digest, missing_extras, suite_argument
-from prefkd.methods import SIGNAL_SETS as LIB_SIGNAL_SETS
-from prefkd.methods import method as lib_method
-from prefkd.methods import resolve_methods, signal_sets_for
-
-# `--configfile X` must replace config.yaml, not be merged into it (keys missing from
-# an experiment config would silently take the demo's values).
-if workflow.overwrite_configfiles:
-    config = dict(workflow.config_settings.overwrite_config)
+from prefkd.assets.models import ModelSettings
+from prefkd.assets.tokenizers import TokenizerSettings
+from prefkd.data.demo import DemoDataSettings
+from prefkd.data.prepare import PrepareSettings
+from prefkd.data.tokenize_align import TokenizeSettings
+from prefkd.evaluation.lmeval import LOCAL_PREFIX, local_tasks_digest, missing_extras
+from prefkd.evaluation.settings import (
+    IMPLICIT,
+    EvalDataSettings,
+    GenerateSettings,
+    LmEvalSettings,
+    PreferenceEvalSettings,
+    ReportSettings,
+    WinrateSettings,
+)
+from prefkd.io.config import validate_config
+from prefkd.training.settings import SignalSettings, TrainSettings
 
 try:
     config = validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
@@ -27,6 +39,13 @@ R = f"results/{config['experiment']}"
 SPLITS = ["train", "valid", "test"]
 ROLES = ["teacher", "student"]
 ENV = "../../envs/prefkd.yaml"
+
+
+def stage_flags(settings, names=None, **values):
+    """The CLI flags of one job, built from its stage's settings dataclass: every setting whose config key the
+    dataclass names is read from the config (``names`` fills placeholders such as ``{role}``), then ``values``
+    (wildcards, and settings the config holds under another key) are laid over them."""
+    return to_flags(settings, {**config_values(settings, config, **(names or {})), **values})
 
 
 def data_source():
@@ -50,10 +69,6 @@ def tokenizer_source(role):
 
 def template_digest(role):
     """sha256 of the prefkd template file a tokenizer is built with ("" if none)."""
-    import hashlib
-
-    from prefkd.tokenizers import BUILTIN, TEMPLATES_DIR, resolve_chat_template
-
     spec = config[role]
     if spec["chat_template"]:
         path = resolve_chat_template(spec["chat_template"])
@@ -64,10 +79,10 @@ def template_digest(role):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).exists() else ""
 
 
-def scatter_index(item):
-    """'3-of-8' -> (2, 8): the 0-based shard index and the shard count."""
+def scatter_shard(item):
+    """'3-of-8' -> {"shard": 2, "shards": 8}: the 0-based shard index and the shard count."""
     k, _, n = item.partition("-of-")
-    return int(k) - 1, int(n)
+    return {"shard": int(k) - 1, "shards": int(n)}
 
 
 # ---------------------------------------------------------------------------
@@ -121,16 +136,20 @@ def launch_prefix(wildcards, threads):
     )
 
 
-def train_common(wildcards):
-    t = config["train"]
-    flags = (
-        f"--batch-size {t['batch_size']} --grad-accum {t['grad_accum']} --warmup-ratio {t['warmup_ratio']}"
-        f" --scheduler {t['scheduler']} --weight-decay {t['weight_decay']} --max-grad-norm {t['max_grad_norm']}"
-        f" --save-every {t['save_every']} --seed {config['seed']}"
-    )
-    if t["gradient_checkpointing"]:
-        flags += " --gradient-checkpointing"
-    return flags
+def train_flags(**values):
+    """The flags of one training job: the shared `train.*` settings and the seed read from the config
+    (prefkd.training.settings.TrainSettings names its config keys), then the stage's own values."""
+    return stage_flags(TrainSettings, **values)
+
+
+def sft_flags(role):
+    """`sft.<role>` holds the stage's settings, except `enabled`, which only the workflow reads."""
+    stage = {k: v for k, v in config["sft"][role].items() if k != "enabled"}
+    return train_flags(stage="sft", role=role, **stage)
+
+
+def dpo_flags(role, direction):
+    return train_flags(stage="preference", role=role, unit="token", **config["contrastive"][direction])
 
 
 STUDENT_METHODS = resolve_methods(config["distill"]["methods"]) if TRAINING else []
@@ -142,22 +161,7 @@ def model_path(key):
     return {"sft": sft_model, "pos": pos_model, "neg": neg_model}[kind](role)
 
 
-def _signal_sets():
-    """Signal sets to compute: CTPD's (always, for stats/weights.json) and those the methods read."""
-    if not TRAINING:
-        return {}
-    names = ["ctpd"] + [n for n in signal_sets_for(STUDENT_METHODS) if n not in ("ctpd",)]
-    sets = {}
-    for name in names:
-        s = LIB_SIGNAL_SETS[name]
-        ref = s.ref
-        if name == "ctpd" and config["signals"]["reference"] == "pos":
-            ref = ("teacher-pos", "teacher")
-        sets[name] = {"unit": s.unit, "ref": ref, "pos": s.pos, "neg": s.neg, "transform": s.transform, "aggregation": s.aggregation}
-    return sets
-
-
-SIGNAL_SETS = _signal_sets()
+SIGNAL_SETS = signal_plan(STUDENT_METHODS, config["signals"]["reference"]) if TRAINING else {}
 # dpo-ref-<role> sets have their own rule (dpo_reference), which the contrastive stage needs too
 GENERIC_SETS = [n for n in SIGNAL_SETS if not n.startswith("dpo-ref-")]
 
@@ -167,24 +171,24 @@ def signal_shards(sigset, split):
 
 
 def signal_models(sigset):
-    s = SIGNAL_SETS[sigset]
-    return sorted({model_path(x[0]) for x in (s["ref"], s["pos"], s["neg"]) if x})
+    return sorted({model_path(key) for key in models_for_set(sigset, SIGNAL_SETS)})
 
 
-def signal_args(sigset):
+def dpo_reference_flags(role):
+    """Reference log-probs of a role's SFT on every response token, with uniform weights (what DPO needs)."""
+    values = dict(role=role, unit="token", transform="uniform", batch_size=config["signals"]["batch_size"])
+    return to_flags(SignalSettings, values)  # not stage_flags: only these four settings, as DPO's reference
+
+
+def signal_flags(sigset):
+    """The flags of a signals job: the set's models and units, the `signals.*` settings and the seed."""
     s = SIGNAL_SETS[sigset]
-    sig = config["signals"]
-    transform = s["transform"] or sig["transform"]
-    aggregation = s["aggregation"] or sig["aggregation"]
-    args = f"--unit {s['unit']} --reference {model_path(s['ref'][0])} --ref-role {s['ref'][1]} --role {s['ref'][1]}"
-    if s["pos"]:
-        args += f" --pos {model_path(s['pos'][0])} --pos-role {s['pos'][1]}"
-        args += f" --neg {model_path(s['neg'][0])} --neg-role {s['neg'][1]}"
-    return (
-        f"{args} --transform {transform} --aggregation {aggregation} --k {sig['k']}"
-        f" --lower {sig['lower']} --upper {sig['upper']} --threshold {sig['threshold']}"
-        f" --top-fraction {sig['top_fraction']} --seed {config['seed']} --batch-size {sig['batch_size']}"
-    )
+    values = config_values(SignalSettings, config)
+    values.update(unit=s.unit, reference=model_path(s.ref[0]), ref_role=s.ref[1], role=s.ref[1])
+    if s.pos:
+        values.update(pos=model_path(s.pos[0]), pos_role=s.pos[1], neg=model_path(s.neg[0]), neg_role=s.neg[1])
+    values.update({k: v for k, v in (("transform", s.transform), ("aggregation", s.aggregation)) if v})
+    return to_flags(SignalSettings, values)
 
 
 def method_shards(name, split):
@@ -204,21 +208,23 @@ def method_extra_inputs(name):
     return [kd_teacher()] if lib_method(name).kd else []
 
 
-def distill_args(name):
+def distill_flags(name):
+    """The flags of a student job: a preference loss over the method's signal sets, or a KD stage."""
     m = lib_method(name)
     d = config["distill"]
-    kd = f" --kd {m.kd} --kd-teacher {kd_teacher()} --temperature {d['temperature']}" if m.kd else ""
-    if m.kind == "kd":
-        return f"--stage kd --lr {d['kd_lr']} --epochs {d['epochs']} --kd-weight {d['kappa']}{kd}"
-    args = (
-        f"--stage preference --unit {m.unit} --beta {d['beta']} --lr {d['lr']} --epochs {d['epochs']}"
-        f" --signals {' '.join(signal_shards(m.weights, 'train'))}"
-    )
-    if m.reference:
-        args += f" --ref-signals {' '.join(signal_shards(m.reference, 'train'))}"
+    values = dict(role="student")
     if m.kd:
-        args += f" --kd-weight {d['alpha']}{kd}"
-    return args
+        values.update(kd=m.kd, kd_teacher=kd_teacher(), temperature=d["temperature"])
+    if m.kind == "kd":
+        values.update(stage="kd", lr=d["kd_lr"], epochs=d["epochs"], kd_weight=d["kappa"])
+    else:
+        values.update(stage="preference", unit=m.unit, beta=d["beta"], lr=d["lr"], epochs=d["epochs"])
+        values.update(signals=signal_shards(m.weights, "train"))
+        if m.reference:
+            values.update(ref_signals=signal_shards(m.reference, "train"))
+        if m.kd:
+            values.update(kd_weight=d["alpha"])
+    return train_flags(**values)
 
 
 # ---------------------------------------------------------------------------
@@ -272,19 +278,22 @@ def suite_task_data(suite):
 
 
 def reward_judge_models():
-    return [pos_model("teacher"), neg_model("teacher")] if EVAL["reward"]["judge"] == "implicit" else []
+    return list(judge_models().values())
 
 
-def reward_judge_args():
-    judge = EVAL["reward"]["judge"]
-    if judge == "implicit":
-        return f"--judge implicit --pos {pos_model('teacher')} --neg {neg_model('teacher')}"
-    return f"--judge {shlex.quote(judge)}"
+def judge_models():
+    """The implicit judge's two models (the teacher pair)."""
+    return {"pos": pos_model("teacher"), "neg": neg_model("teacher")} if EVAL["reward"]["judge"] == IMPLICIT else {}
 
 
 def reward_judge_name():
     judge = EVAL["reward"]["judge"]
-    return "implicit:teacher-pos/teacher-neg" if judge == "implicit" else judge
+    return "implicit:teacher-pos/teacher-neg" if judge == IMPLICIT else judge
+
+
+def suite_json(suite):
+    """A suite's settings as the JSON value of `prefkd lm-eval --suite`."""
+    return json.dumps(EVAL["suites"][suite], sort_keys=True)
 
 
 REWARD = EVALUATING and EVAL["reward"]["enabled"]

@@ -30,9 +30,8 @@ rule distill:
         directory(f"{R}/students/{{method}}"),
     params:
         launch=launch_prefix,
-        common=train_common,
         # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
-        args=lambda w: distill_args(w.method),
+        flags=lambda w: distill_flags(w.method),
     wildcard_constraints:
         method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
     threads: 2
@@ -44,6 +43,5 @@ rule distill:
     conda:
         ENV
     shell:
-        "{params.launch} train --role student --init {input.init} --out {output} --tokens {input.tokens}"
-        " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals}"
-        " {params.args} {params.common} > {log} 2>&1"
+        "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens}"
+        " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals} {params.flags} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule eval_task_data:
     output:
         directory(f"{R}/eval/tasks"),
     params:
-        seed=config["seed"],
+        flags=stage_flags(EvalDataSettings),
         tasks_digest=local_tasks_digest(),
     log:
         f"{R}/logs/eval/tasks.log",
@@ -26,7 +26,7 @@ rule eval_task_data:
     conda:
         ENV
     shell:
-        "prefkd eval-data --data {input} --out {output} --seed {params.seed} > {log} 2>&1"
+        "prefkd eval-data --data {input} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule lm_eval:
@@ -37,11 +37,9 @@ rule lm_eval:
     output:
         f"{R}/eval/{{model}}/{{suite}}.json",
     params:
-        suite=lambda w: suite_argument(EVAL["suites"][w.suite]),
+        flags=lambda w: stage_flags(LmEvalSettings, name=w.model, suite_name=w.suite, suite=suite_json(w.suite)),
         task_data=lambda w, input: f"--task-data {input.tasks}" if input.tasks else "",
         tasks_digest=lambda w: local_tasks_digest() if suite_task_data(w.suite) else "",
-        seed=config["seed"],
-        device=EVAL["device"],
     wildcard_constraints:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
         suite="|".join(re.escape(s) for s in SUITES) or "none",
@@ -54,9 +52,8 @@ rule lm_eval:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} prefkd lm-eval --model {input.model} --name {wildcards.model}"
-        " --suite-name {wildcards.suite} --suite {params.suite} {params.task_data} --seed {params.seed}"
-        " --device {params.device} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} prefkd lm-eval --model {input.model} {params.task_data} --out {output}"
+        " {params.flags} > {log} 2>&1"
 
 
 rule preference_eval:
@@ -68,11 +65,9 @@ rule preference_eval:
     output:
         f"{R}/eval/{{model}}/preference.json",
     params:
-        role=lambda w: eval_role(w.model),
-        reference=lambda w: f"{eval_role(w.model)}-sft",
-        beta=EVAL["beta"],
-        batch=EVAL["batch_size"],
-        device=EVAL["device"],
+        flags=lambda w: stage_flags(
+            PreferenceEvalSettings, name=w.model, role=eval_role(w.model), reference_name=f"{eval_role(w.model)}-sft"
+        ),
     wildcard_constraints:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
     threads: 2
@@ -84,9 +79,8 @@ rule preference_eval:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} prefkd preference-eval --model {input.model} --name {wildcards.model}"
-        " --role {params.role} --reference-name {params.reference} --tokens {input.tokens} --ref-signals {input.ref}"
-        " --beta {params.beta} --batch-size {params.batch} --device {params.device} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} prefkd preference-eval --model {input.model} --tokens {input.tokens}"
+        " --ref-signals {input.ref} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule generate_and_score:
@@ -98,12 +92,7 @@ rule generate_and_score:
     output:
         f"{R}/eval/{{model}}/generations.jsonl",
     params:
-        judge=reward_judge_args(),
-        prompts=EVAL["reward"]["max_prompts"],
-        new_tokens=EVAL["reward"]["max_new_tokens"],
-        batch=EVAL["reward"]["batch_size"],
-        seed=config["seed"],
-        device=EVAL["device"],
+        flags=stage_flags(GenerateSettings, max_prompts=EVAL["reward"]["max_prompts"], **judge_models()),
     wildcard_constraints:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     threads: 2
@@ -116,8 +105,7 @@ rule generate_and_score:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} prefkd generate --model {input.model} --data {input.data} --out {output}"
-        " {params.judge} --max-prompts {params.prompts} --max-new-tokens {params.new_tokens}"
-        " --batch-size {params.batch} --seed {params.seed} --device {params.device} > {log} 2>&1"
+        " {params.flags} > {log} 2>&1"
 
 
 rule reward_winrate:
@@ -127,7 +115,7 @@ rule reward_winrate:
     output:
         f"{R}/eval/{{model}}/reward.json",
     params:
-        judge=shlex.quote(reward_judge_name()),
+        flags=lambda w: stage_flags(WinrateSettings, model=w.model, baseline_name="student-sft", judge_name=reward_judge_name()),
     wildcard_constraints:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     log:
@@ -138,8 +126,7 @@ rule reward_winrate:
     conda:
         ENV
     shell:
-        "prefkd winrate --scores {input.scores} --baseline {input.baseline} --model {wildcards.model}"
-        " --baseline-name student-sft --judge-name {params.judge} --out {output} > {log} 2>&1"
+        "prefkd winrate --scores {input.scores} --baseline {input.baseline} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule report:
@@ -158,10 +145,12 @@ rule report:
             category="Figures",
         ),
     params:
-        models=" ".join(f"{m}={R}/eval/{m}" for m in EVAL_MODELS),
-        suites=" ".join(f"--suite {s}" for s in SUITES),
-        runs=" ".join(f"--run {name}={path}" for name, path in report_runs().items()),
-        experiment=config["experiment"],
+        flags=stage_flags(
+            ReportSettings,
+            model=[f"{m}={R}/eval/{m}" for m in EVAL_MODELS],
+            suite=SUITES,
+            run=[f"{name}={path}" for name, path in report_runs().items()],
+        ),
     log:
         f"{R}/logs/report.log",
     resources:
@@ -170,5 +159,5 @@ rule report:
     conda:
         ENV
     shell:
-        "prefkd report --experiment {params.experiment} --model {params.models} {params.suites} {params.runs}"
-        " --alignment {input.alignment} --weights {input.weights} --out {output.md} --plots {output.plots} > {log} 2>&1"
+        "prefkd report --alignment {input.alignment} --weights {input.weights} --out {output.md} --plots {output.plots}"
+        " {params.flags} > {log} 2>&1"

@@ -9,10 +9,7 @@ rule tokenize_align:
     output:
         f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
     params:
-        max_length=config["tokenize"]["max_length"],
-        max_prompt_length=config["tokenize"]["max_prompt_length"],
-        shard=lambda w: scatter_index(w.scatteritem)[0],
-        shards=lambda w: scatter_index(w.scatteritem)[1],
+        flags=lambda w: stage_flags(TokenizeSettings, **config["tokenize"] | scatter_shard(w.scatteritem)),
     wildcard_constraints:
         split="train|valid|test",
     log:
@@ -24,9 +21,7 @@ rule tokenize_align:
         ENV
     shell:
         "TOKENIZERS_PARALLELISM=false prefkd tokenize --data {input.data} --out {output}"
-        " --teacher {input.teacher} --student {input.student}"
-        " --max-length {params.max_length} --max-prompt-length {params.max_prompt_length}"
-        " --shard {params.shard} --shards {params.shards} > {log} 2>&1"
+        " --teacher {input.teacher} --student {input.student} {params.flags} > {log} 2>&1"
 
 
 rule alignment_stats:
@@ -49,4 +44,4 @@ rule alignment_stats:
     conda:
         ENV
     shell:
-        "prefkd alignment-stats --out {output} {params.shard_args} > {log} 2>&1"
+        "prefkd alignment-stats --out {output} --shards {params.shard_args} > {log} 2>&1"

@@ -8,9 +8,7 @@ rule model_init:
     output:
         directory(f"{R}/models/{{role}}-init"),
     params:
-        source=lambda w: config[w.role]["model"],
-        seed=config["seed"],
-        trust=lambda w: "--trust-remote-code" if config[w.role]["trust_remote_code"] else "",
+        flags=lambda w: stage_flags(ModelSettings, {"role": w.role}, source=config[w.role]["model"]),
     wildcard_constraints:
         role="teacher|student",
     log:
@@ -21,73 +19,47 @@ rule model_init:
     conda:
         ENV
     shell:
-        "prefkd model --source {params.source} --tokenizer {input.tokenizer} --out {output}"
-        " --seed {params.seed} {params.trust} > {log} 2>&1"
+        "prefkd model --tokenizer {input.tokenizer} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule sft:
+    # SFT of a role's initial model on the chosen responses (kind=sft) or, for the SFT construction of the
+    # contrastive pair, on the rejected ones (kind=sft-rejected: the chosen side of the reversed pairs).
     input:
         init=f"{R}/models/{{role}}-init",
-        tokens=token_shards("train"),
+        tokens=lambda w: token_shards("train", reversed_=w.kind == "sft-rejected"),
     output:
-        directory(f"{R}/models/{{role}}-sft"),
+        directory(f"{R}/models/{{role}}-{{kind}}"),
     params:
         launch=launch_prefix,
-        common=train_common,
-        lr=lambda w: config["sft"][w.role]["lr"],
-        epochs=lambda w: config["sft"][w.role]["epochs"],
+        flags=lambda w: sft_flags(w.role),
     wildcard_constraints:
         role="teacher|student",
+        kind="sft|sft-rejected",
     threads: 2
     log:
-        f"{R}/logs/sft-{{role}}.log",
+        f"{R}/logs/{{kind}}-{{role}}.log",
     resources:
         mem_mb=16000,
         runtime=600,
     conda:
         ENV
     shell:
-        "{params.launch} train --stage sft --role {wildcards.role} --init {input.init} --out {output}"
-        " --tokens {input.tokens} --lr {params.lr} --epochs {params.epochs} {params.common} > {log} 2>&1"
+        "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} {params.flags} > {log} 2>&1"
 
 
-rule sft_rejected:
-    # The SFT-construction negative: SFT on the rejected responses (= chosen of the reversed pairs).
+rule reverse:
+    # The reversed dataset (chosen <-> rejected) of a token shard or of a DPO-reference signal shard is its
+    # own artifact (tests prove it is swapped).
     input:
-        init=f"{R}/models/{{role}}-init",
-        tokens=token_shards("train", reversed_=True),
+        f"{R}/{{prefix}}/{{split}}/shard-{{scatteritem}}.arrow",
     output:
-        directory(f"{R}/models/{{role}}-sft-rejected"),
-    params:
-        launch=launch_prefix,
-        common=train_common,
-        lr=lambda w: config["sft"][w.role]["lr"],
-        epochs=lambda w: config["sft"][w.role]["epochs"],
+        f"{R}/{{prefix}}-reversed/{{split}}/shard-{{scatteritem}}.arrow",
     wildcard_constraints:
-        role="teacher|student",
-    threads: 2
-    log:
-        f"{R}/logs/sft-rejected-{{role}}.log",
-    resources:
-        mem_mb=16000,
-        runtime=600,
-    conda:
-        ENV
-    shell:
-        "{params.launch} train --stage sft --role {wildcards.role} --init {input.init} --out {output}"
-        " --tokens {input.tokens} --lr {params.lr} --epochs {params.epochs} {params.common} > {log} 2>&1"
-
-
-rule reverse_tokens:
-    # The reversed dataset is its own artifact (tests prove it is swapped).
-    input:
-        f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
-    output:
-        f"{R}/tokens-reversed/{{split}}/shard-{{scatteritem}}.arrow",
-    wildcard_constraints:
+        prefix="tokens|signals/dpo-ref-(teacher|student)",
         split="train|valid|test",
     log:
-        f"{R}/logs/reverse/tokens-{{split}}-{{scatteritem}}.log",
+        f"{R}/logs/reverse/{{prefix}}-{{split}}-{{scatteritem}}.log",
     resources:
         mem_mb=2000,
         runtime=10,
@@ -106,7 +78,7 @@ rule dpo_reference:
     output:
         f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{{scatteritem}}.arrow",
     params:
-        batch=config["signals"]["batch_size"],
+        flags=lambda w: dpo_reference_flags(w.role),
     wildcard_constraints:
         role="teacher|student",
         split="train|valid|test",
@@ -119,27 +91,8 @@ rule dpo_reference:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} --role {wildcards.role}"
-        " --unit token --reference {input.ref} --transform uniform --batch-size {params.batch} > {log} 2>&1"
-
-
-rule reverse_dpo_reference:
-    input:
-        f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{{scatteritem}}.arrow",
-    output:
-        f"{R}/signals/dpo-ref-{{role}}-reversed/{{split}}/shard-{{scatteritem}}.arrow",
-    wildcard_constraints:
-        role="teacher|student",
-        split="train|valid|test",
-    log:
-        f"{R}/logs/reverse/dpo-ref-{{role}}-{{split}}-{{scatteritem}}.log",
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        ENV
-    shell:
-        "prefkd reverse --in {input} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} --reference {input.ref}"
+        " {params.flags} > {log} 2>&1"
 
 
 rule dpo:
@@ -154,10 +107,7 @@ rule dpo:
         directory(f"{R}/models/{{role}}-dpo-{{direction}}"),
     params:
         launch=launch_prefix,
-        common=train_common,
-        beta=lambda w: config["contrastive"][w.direction]["beta"],
-        lr=lambda w: config["contrastive"][w.direction]["lr"],
-        epochs=lambda w: config["contrastive"][w.direction]["epochs"],
+        flags=lambda w: dpo_flags(w.role, w.direction),
     wildcard_constraints:
         role="teacher|student",
         direction="pos|neg",
@@ -170,10 +120,8 @@ rule dpo:
     conda:
         ENV
     shell:
-        "{params.launch} train --stage preference --role {wildcards.role} --unit token"
-        " --init {input.init} --out {output} --tokens {input.tokens} --signals {input.signals}"
-        " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals}"
-        " --beta {params.beta} --lr {params.lr} --epochs {params.epochs} {params.common} > {log} 2>&1"
+        "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} --signals {input.signals}"
+        " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals} {params.flags} > {log} 2>&1"
 
 
 rule signals:
@@ -185,7 +133,7 @@ rule signals:
         f"{R}/signals/{{sigset}}/{{split}}/shard-{{scatteritem}}.arrow",
     params:
         # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
-        args=lambda w: signal_args(w.sigset),
+        flags=lambda w: signal_flags(w.sigset),
     wildcard_constraints:
         sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
         split="train|valid|test",
@@ -198,7 +146,7 @@ rule signals:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} {params.args} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule weights_stats:
@@ -222,4 +170,4 @@ rule weights_stats:
     conda:
         ENV
     shell:
-        "prefkd weights-stats --out {output} {params.shard_args} > {log} 2>&1"
+        "prefkd weights-stats --out {output} --shards {params.shard_args} > {log} 2>&1"

@@ -1,0 +1,67 @@
+"""The one preference loss over units (tokens or aligned spans).
+
+DPO, TIS-DPO and CTPD are configurations of it:
+``margin = sum_i w_i * (l_policy_i - l_ref_i)`` per response and
+``loss = -logsigmoid(beta * (margin_chosen - margin_rejected))``.
+
+Every tensor is in the ``[chosen; rejected]`` batch layout of ``prefkd.core.layout``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prefkd.core.layout import chosen_rejected
+
+
+@dataclass
+class PairUnits:
+    """Per-unit values of a batch of pairs, every tensor [2B, M] in the ``[chosen; rejected]`` layout."""
+
+    policy: torch.Tensor  # [2B, M] the trained model's unit log-probs
+    reference: torch.Tensor  # [2B, M] the reference model's unit log-probs (constants)
+    weights: torch.Tensor  # [2B, M] unit weights (constants; 1 for DPO)
+    mask: torch.Tensor  # [2B, M] 1 for real units, 0 for padding
+
+
+@dataclass
+class PreferenceOutput:
+    loss: torch.Tensor  # scalar mean over pairs
+    losses: torch.Tensor  # [B]
+    reward_chosen: torch.Tensor  # [B] beta * margin_w
+    reward_rejected: torch.Tensor  # [B] beta * margin_l
+
+    def metrics(self) -> dict[str, float]:
+        margin = self.reward_chosen - self.reward_rejected
+        return {
+            "loss": float(self.loss.detach()),
+            "rewards/chosen": float(self.reward_chosen.mean()),
+            "rewards/rejected": float(self.reward_rejected.mean()),
+            "rewards/margin": float(margin.mean()),
+            "rewards/accuracy": float((margin > 0).float().mean()),
+        }
+
+
+def weighted_margin(policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * (policy_i - reference_i)`` over valid units (mask), per row."""
+    return ((policy - reference) * weights * mask).sum(dim=-1)
+
+
+def preference_loss(units: PairUnits, beta: float) -> PreferenceOutput:
+    """The one preference loss over ``units`` ([chosen; rejected] rows).
+
+    Reference values and weights are constants (detached here), so gradient flows
+    only through the policy's log-probs.
+    """
+    margins = weighted_margin(units.policy, units.reference.detach(), units.weights.detach(), units.mask)  # [2B]
+    m_w, m_l = chosen_rejected(margins)  # [B], [B]
+    losses = -F.logsigmoid(beta * (m_w - m_l))  # [B]
+    return PreferenceOutput(
+        loss=losses.mean(),
+        losses=losses,
+        reward_chosen=(beta * m_w).detach(),
+        reward_rejected=(beta * m_l).detach(),
+    )

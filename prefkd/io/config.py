@@ -1,0 +1,114 @@
+"""Config validation with one-sentence errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from prefkd.core.methods import METHODS
+from prefkd.core.weights import AGGREGATIONS, TRANSFORMS
+from prefkd.errors import PrefkdError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+_TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "null",
+}
+
+
+def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
+    """The config schema, with the allowed names that the library defines once filled in: the student
+    methods (``prefkd.core.methods``) and the weight transforms and aggregations (``prefkd.core.weights``)."""
+    with open(path, encoding="utf-8") as fh:
+        schema = yaml.safe_load(fh)
+    props = schema["properties"]
+    props["distill"]["properties"]["methods"]["items"]["enum"] = ["all", *METHODS]
+    props["signals"]["properties"]["transform"]["enum"] = list(TRANSFORMS)
+    props["signals"]["properties"]["aggregation"]["enum"] = list(AGGREGATIONS)
+    return schema
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe_type(t) -> str:
+    types = t if isinstance(t, list) else [t]
+    return " or ".join(_TYPE_WORDS.get(x, x) for x in types)
+
+
+def _sentence(error: jsonschema.ValidationError) -> str:
+    key = _key(error.absolute_path)
+    v, schema, inst = error.validator, error.schema, error.instance
+    if v == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(inst) - set(allowed))
+        where = f"under '{key}'" if error.absolute_path else "at the top level"
+        full = ".".join([*map(str, error.absolute_path), extra[0]])
+        return f"config key '{full}' is not allowed; allowed keys {where} are: {', '.join(allowed)}."
+    if v == "required":
+        missing = [k for k in schema.get("required", []) if k not in inst]
+        full = ".".join([*map(str, error.absolute_path), missing[0]])
+        return f"config key '{full}' is required but missing."
+    if v == "type":
+        return f"config key '{key}' must be {_describe_type(schema['type'])}, got {inst!r}."
+    if v == "enum":
+        return f"config key '{key}' must be one of {', '.join(map(str, schema['enum']))}; got {inst!r}."
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return f"config key '{key}' must be {op} {schema[v]}, got {inst!r}."
+    if v == "pattern":
+        return f"config key '{key}' must match the pattern {schema['pattern']}, got {inst!r}."
+    if v in ("minLength", "minItems"):
+        return f"config key '{key}' must not be empty."
+    if v == "not" and "enum" in schema.get("not", {}):
+        return f"config key '{key}' must not use the name {inst!r}; reserved names are: {', '.join(schema['not']['enum'])}."
+    return f"config key '{key}' is invalid: {error.message}."
+
+
+def _fill_defaults(instance, schema) -> None:
+    if not isinstance(instance, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance and isinstance(sub, dict):
+            _fill_defaults(instance[name], sub)
+
+
+def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
+    """Return a validated copy of ``config`` with defaults filled in; raise PrefkdError otherwise."""
+    if not isinstance(config, dict) or not config:
+        raise PrefkdError("the config is empty; pass a config file with --configfile or keep config.yaml in the project root.")
+    schema = load_schema(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise PrefkdError(_sentence(errors[0]))
+    config = copy.deepcopy(config)
+    _fill_defaults(config, schema)
+    tok = config["tokenize"]
+    if tok["max_prompt_length"] >= tok["max_length"]:
+        raise PrefkdError(
+            f"config key 'tokenize.max_prompt_length' must be smaller than tokenize.max_length ({tok['max_length']}), "
+            f"got {tok['max_prompt_length']}."
+        )
+    data = config["data"]
+    if data["valid_fraction"] + data["test_fraction"] >= 1:
+        raise PrefkdError("config keys 'data.valid_fraction' + 'data.test_fraction' must leave rows for training (sum < 1).")
+    return config
+
+
+def load_config(path: str | Path, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return validate_config(yaml.safe_load(fh), schema_path)

@@ -1,0 +1,279 @@
+"""Config validation: every shipped config passes; each kind of mistake stops with one sentence.
+
+The sentence must name the key and what is allowed, so a user can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefkd.io.config import DEFAULT_SCHEMA, load_config, validate_config
+from prefkd.errors import PrefkdError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+ALL_CONFIGS = [REPO / "config.yaml", *CONFIGS]
+TEMPLATES = REPO / "prefkd" / "templates"
+
+
+def base_config() -> dict:
+    with open(REPO / "config.yaml", encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def assert_one_sentence(message: str) -> None:
+    assert "\n" not in message, f"not one line: {message!r}"
+    assert message.strip().endswith("."), f"not a sentence: {message!r}"
+    # A second sentence would start after a full stop: ". Capital" (but "0.5" or "a.b" is fine).
+    assert not re.search(r"[.!?]\s+[A-Z]", message.strip()[:-1]), f"more than one sentence: {message!r}"
+    assert "Traceback" not in message
+
+
+def error_of(config: dict) -> str:
+    with pytest.raises(PrefkdError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert_one_sentence(message)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shipped configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_there_are_experiment_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"seed-mistral7b-qwen1.5b.yaml", "paper-qwen14b-llama8b.yaml", "hh-harmless-demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_is_valid(path: Path):
+    config = load_config(path)
+    # defaults are filled in
+    assert config["seed"] == 1
+    assert config["tokenize"]["max_prompt_length"] < config["tokenize"]["max_length"]
+    for role in ("teacher", "student"):
+        assert config[role]["trust_remote_code"] is False
+        assert "chat_template" in config[role]
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_builtin_chat_templates_exist(path: Path):
+    config = load_config(path)
+    for role in ("teacher", "student"):
+        template = config[role]["chat_template"]
+        if template and template.startswith("builtin:"):
+            name = template.removeprefix("builtin:")
+            assert (TEMPLATES / f"{name}.jinja").is_file(), f"{path.name}: {role} names a missing template {template}"
+
+
+def test_experiment_names_are_unique():
+    names = [load_config(p)["experiment"] for p in ALL_CONFIGS]
+    assert len(names) == len(set(names))
+
+
+def test_real_pairs_match_the_paper_and_the_seed():
+    seed = load_config(REPO / "configs" / "seed-mistral7b-qwen1.5b.yaml")
+    assert seed["teacher"]["model"] == "mistralai/Mistral-7B-v0.3"
+    assert seed["student"]["model"] == "Qwen/Qwen2.5-1.5B"
+    assert seed["data"]["source"] == "tonyshelby/ultra-feedback_v7"
+    paper = load_config(REPO / "configs" / "paper-qwen14b-llama8b.yaml")
+    assert paper["teacher"]["model"] == "Qwen/Qwen2.5-14B"
+    assert paper["student"]["model"] == "meta-llama/Llama-3.1-8B"
+    assert (paper["data"]["source"], paper["data"]["hf_split"]) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
+    for config in (seed, paper):
+        assert (config["tokenize"]["max_length"], config["tokenize"]["max_prompt_length"]) == (512, 128)
+        assert config["tokenize"]["shards"] == 64
+        assert config["data"]["format"] == "messages"
+        for role in ("teacher", "student"):  # base models: the tokenizer comes with the model
+            assert config[role]["tokenizer"] == config[role]["model"]
+
+
+def test_real_configs_evaluate_the_papers_benchmarks():
+    expected = [("hellaswag", 10), ("arc_challenge", 25), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
+    for name in ("seed-mistral7b-qwen1.5b.yaml", "paper-qwen14b-llama8b.yaml"):
+        suites = load_config(REPO / "configs" / name)["evaluation"]["suites"]
+        assert [(t["task"], t["num_fewshot"]) for t in suites["openllm"]["tasks"]] == expected
+        assert [t["label"] for t in suites["openllm"]["tasks"]] == ["HellaSwag", "ARC", "MMLU", "TruthfulQA", "Winogrande", "GSM8K"]
+        assert {t["task"] for t in suites["leaderboard"]["tasks"]} == {"leaderboard_ifeval", "leaderboard_bbh"}
+    assert load_config(REPO / "configs" / "paper-qwen14b-llama8b.yaml")["distill"]["methods"] == ["all"]
+
+
+@pytest.mark.parametrize(
+    "suites, words",
+    [
+        ({"preference": {"tasks": [{"task": "x"}]}}, ["evaluation.suites", "'preference'", "reserved"]),
+        ({"ok": {"tasks": []}}, ["evaluation.suites.ok.tasks", "must not be empty"]),
+        ({"ok": {"tasks": [{"task": "x", "shots": 3}]}}, ["evaluation.suites.ok.tasks.0.shots", "num_fewshot"]),
+    ],
+)
+def test_bad_evaluation_suites(suites, words):
+    config = base_config()
+    config["evaluation"] = {"suites": suites}
+    message = error_of(config)
+    for word in words:
+        assert word in message
+
+
+def test_hh_demo_points_at_the_shared_file():
+    config = load_config(REPO / "configs" / "hh-harmless-demo.yaml")
+    assert config["data"]["format"] == "hh"
+    source = REPO / config["data"]["source"]
+    if not (REPO.parent / "shared").is_dir():
+        pytest.skip("no shared/ folder next to the project")
+    assert source.is_file(), f"{source} does not exist"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One sentence per mistake
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_misspelt_key():
+    config = base_config()
+    config["tokenize"]["max_lenght"] = config["tokenize"].pop("max_length")
+    message = error_of(config)
+    assert "tokenize.max_lenght" in message
+    for allowed in ("max_length", "max_prompt_length", "shards"):
+        assert allowed in message
+
+
+def test_unknown_top_level_key():
+    config = base_config()
+    config["tokenise"] = {"max_length": 10}
+    message = error_of(config)
+    assert "tokenise" in message
+    for allowed in ("experiment", "data", "teacher", "student", "tokenize"):
+        assert allowed in message
+
+
+def test_wrong_type():
+    config = base_config()
+    config["tokenize"]["max_length"] = "abc"
+    message = error_of(config)
+    assert "tokenize.max_length" in message
+    assert "integer" in message
+    assert "abc" in message
+
+
+def test_wrong_type_of_boolean():
+    config = base_config()
+    config["student"]["trust_remote_code"] = "yes"
+    message = error_of(config)
+    assert "student.trust_remote_code" in message
+    assert "true or false" in message
+
+
+def test_wrong_enum_value():
+    config = base_config()
+    config["data"]["format"] = "csv"
+    message = error_of(config)
+    assert "data.format" in message
+    assert "csv" in message
+    for allowed in ("auto", "pairs", "messages", "hh"):
+        assert allowed in message
+
+
+def test_value_below_minimum():
+    config = base_config()
+    config["tokenize"]["shards"] = 0
+    message = error_of(config)
+    assert "tokenize.shards" in message
+    assert ">= 1" in message
+
+
+def test_bad_experiment_name():
+    config = base_config()
+    config["experiment"] = "../escape"
+    message = error_of(config)
+    assert "experiment" in message
+    assert "pattern" in message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [("tokenize", "max_prompt_length"), ("teacher", "tokenizer"), ("data", "source"), ("student",), ("experiment",)],
+    ids=lambda p: ".".join(p),
+)
+def test_missing_required_key(path):
+    config = base_config()
+    parent = config
+    for part in path[:-1]:
+        parent = parent[part]
+    del parent[path[-1]]
+    message = error_of(config)
+    assert ".".join(path) in message
+    assert "required" in message
+
+
+@pytest.mark.parametrize("prompt", [256, 300])
+def test_prompt_not_shorter_than_sequence(prompt):
+    config = base_config()
+    config["tokenize"]["max_length"] = 256
+    config["tokenize"]["max_prompt_length"] = prompt
+    message = error_of(config)
+    assert "tokenize.max_prompt_length" in message
+    assert "tokenize.max_length" in message
+    assert "256" in message  # the limit it must stay under
+
+
+def test_fractions_leave_training_rows():
+    config = base_config()
+    config["data"]["valid_fraction"] = 0.5
+    config["data"]["test_fraction"] = 0.5
+    message = error_of(config)
+    assert "data.valid_fraction" in message and "data.test_fraction" in message
+
+
+def test_empty_config():
+    with pytest.raises(PrefkdError) as info:
+        validate_config({})
+    assert_one_sentence(str(info.value))
+    assert "--configfile" in str(info.value)
+
+
+def test_validation_does_not_modify_its_input():
+    config = base_config()
+    before = copy.deepcopy(config)
+    validate_config(config, DEFAULT_SCHEMA)
+    assert config == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same sentence from a real `snakemake -n`, without a traceback
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_snakemake_stops_with_the_sentence(tmp_path: Path):
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "workflow", project / "workflow")
+    shutil.copy(REPO / "config.yaml", project / "config.yaml")
+    bad = base_config()
+    bad["tokenize"]["max_lenght"] = bad["tokenize"].pop("max_length")
+    (project / "bad.yaml").write_text(yaml.safe_dump(bad), encoding="utf-8")
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", "bad.yaml"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "prefkd config error: config key 'tokenize.max_lenght' is not allowed" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (project / "results").exists()

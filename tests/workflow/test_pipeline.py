@@ -1,0 +1,148 @@
+"""The whole workflow, training to report, on a small config: a real Snakemake run with the demo's tiny
+models, evaluation through the real lm-evaluation-harness, the report and Snakemake's HTML report.
+
+Checks that the report's numbers are the evaluation JSONs' numbers, that changing only evaluation
+settings reruns evaluation and the report but never training, and that a second run does nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from test_workflow import REPO, SHARED, TEST_CONFIGS, Project, job_counts, nothing_to_do
+
+pytestmark = pytest.mark.slow
+
+PIPELINE_CONFIG = yaml.safe_load((TEST_CONFIGS / "config-pipeline.yaml").read_text(encoding="utf-8"))
+MODELS = ["teacher-sft", "teacher-pos", "student-sft", "student-dpo", "student-ctpd"]
+EVAL_RULES = {"eval_task_data", "lm_eval", "preference_eval", "generate_and_score", "reward_winrate", "report", "all"}
+TRAINING_RULES = {"model_init", "sft", "dpo", "dpo_reference", "signals", "distill", "tokenize_align", "prepare"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Project:
+    import shutil
+
+    root = tmp_path_factory.mktemp("pipeline") / "prefkd"
+    root.mkdir()
+    for name in ("workflow", "envs", "configs", "profiles", ".test"):
+        shutil.copytree(REPO / name, root / name)
+    shutil.copy(REPO / "config.yaml", root / "config.yaml")
+    if SHARED.is_dir():
+        (root.parent / "shared").symlink_to(SHARED, target_is_directory=True)
+    p = Project(root)
+    p.write_config(PIPELINE_CONFIG)
+    out = p.run()
+    assert "Traceback" not in out
+    return p
+
+
+def _json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_every_model_has_its_evaluation_files(pipeline: Project):
+    ev = pipeline.results / "eval"
+    for m in MODELS:
+        pref = _json(ev / m / "preference.json")
+        assert pref["pairs"] == 24 and 0 <= pref["accuracy"] <= 1 and {"accuracy", "margin", "pairs"} <= set(pref)
+        demo = _json(ev / m / "demo.json")
+        assert demo["scores"]["prefkd_pref_mc"]["samples"] == 24
+        assert demo["lm_eval"]["results"]["prefkd_pref_mc"]
+    # the student SFT is its own reference: every pair ties
+    assert _json(ev / "student-sft" / "preference.json")["accuracy"] == 0.5
+    for m in ("student-sft", "student-dpo", "student-ctpd"):
+        reward = _json(ev / m / "reward.json")
+        assert reward["prompts"] == 6 and reward["baseline"] == "student-sft"
+        assert reward["wins"] + reward["ties"] + reward["losses"] == 6
+    assert _json(ev / "student-sft" / "reward.json")["ties"] == 6
+    assert not (ev / "teacher-sft" / "reward.json").exists()
+
+
+def test_report_numbers_equal_the_evaluation_jsons(pipeline: Project):
+    from prefkd.evaluation.report import table_numbers
+
+    md = (pipeline.results / "report.md").read_text(encoding="utf-8")
+    bench = table_numbers(md, "Benchmarks")
+    pref = table_numbers(md, "Preference")
+    labels = {"teacher-sft": "teacher (SFT)", "teacher-pos": "teacher pi+", "student-sft": "student (SFT)",
+              "student-dpo": "DPO", "student-ctpd": "CTPD"}  # fmt: skip
+    checked = 0
+    for m, label in labels.items():
+        scores = _json(pipeline.results / "eval" / m / "demo.json")["scores"]
+        values = []
+        for task in scores.values():
+            if task["value"] is None:
+                continue
+            assert bench[(label, task["label"])] == round(100 * task["value"], 2)
+            values.append(task["value"])
+            checked += 1
+        assert bench[(label, "avg")] == round(100 * sum(values) / len(values), 2)
+        p = _json(pipeline.results / "eval" / m / "preference.json")
+        row = {col: v for (lab, col), v in pref.items() if lab == label}
+        assert round(100 * p["accuracy"], 2) in row.values(), row
+    assert checked >= 5
+    for name in ("training_curves", "reward_accuracy", "weight_histograms", "span_sizes", "benchmarks"):
+        png = pipeline.results / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"report/{name}.png" in md
+
+
+def test_snakemake_html_report_holds_the_figures(pipeline: Project):
+    html = pipeline.root / "report.html"
+    pipeline.snakemake("--report", str(html), "--configfile", "small.yaml", timeout=300)
+    text = html.read_text(encoding="utf-8", errors="replace")
+    assert len(text) > 10_000
+    for name in ("benchmarks.png", "training_curves.png", "report.md"):
+        assert name in text
+
+
+def test_second_run_has_nothing_to_do(pipeline: Project):
+    assert nothing_to_do(pipeline.dry_run())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"reward": {"max_prompts": 5, "max_new_tokens": 12}},
+        {"beta": 0.2},
+        {"suites": {"demo": {"apply_chat_template": False, "tasks": [{"task": "prefkd_pref_mc", "label": "Pref-MC"}]}}},
+    ],
+    ids=["reward", "beta", "suite"],
+)
+def test_changing_only_evaluation_settings_never_reruns_training(pipeline: Project, change):
+    config = copy.deepcopy(PIPELINE_CONFIG)
+    config["evaluation"].update(change)
+    pipeline.write_config(config)
+    try:
+        counts = job_counts(pipeline.dry_run())
+    finally:
+        pipeline.write_config(PIPELINE_CONFIG)
+    assert counts and "report" in counts, counts
+    assert set(counts) <= EVAL_RULES, counts
+    assert not set(counts) & TRAINING_RULES
+
+
+@pytest.mark.parametrize(
+    "section, key, value, reruns, kept",
+    [
+        ("distill", "lr", 1.0e-4, {"distill": 2}, {"sft", "dpo", "signals", "model_init"}),
+        ("signals", "upper", 1.0, {"signals": 3, "distill": 1, "weights_stats": 1}, {"sft", "dpo", "model_init"}),
+    ],
+    ids=["distill.lr", "signals.upper"],
+)
+def test_a_training_setting_reruns_its_stage_downstream_only(pipeline: Project, section, key, value, reruns, kept):
+    config = copy.deepcopy(PIPELINE_CONFIG)
+    config.setdefault(section, {})[key] = value
+    pipeline.write_config(config)
+    try:
+        counts = job_counts(pipeline.dry_run())
+    finally:
+        pipeline.write_config(PIPELINE_CONFIG)
+    for rule, n in reruns.items():
+        assert counts.get(rule) == n, counts
+    assert counts.get("report") == 1, counts
+    assert not kept & set(counts), counts
