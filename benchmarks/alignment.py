@@ -65,8 +65,8 @@ import gc
 import json
 import math
 import os
-import shutil
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -250,10 +250,10 @@ def main(argv=None) -> int:
     import tokenizers
     import transformers
 
+    from prefkd.assets.tokenizers import load_tokenizer
     from prefkd.core.align import align, align_reference
     from prefkd.data.demo import generate_demo_pairs
     from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.assets.tokenizers import load_tokenizer
 
     t0 = time.perf_counter()
     dirs, built = tokenizer_dirs()

@@ -46,12 +46,12 @@ def main() -> int:
 
     import torch
 
+    from prefkd.assets.models import tiny_config
+    from prefkd.assets.tokenizers import build_builtin, default_wheel_dir, load_tokenizer
     from prefkd.data.batches import collate_pairs
     from prefkd.data.demo import generate_demo_pairs
-    from prefkd.assets.models import tiny_config
-    from prefkd.training.signals import Scorer, WeightSpec, compute_signals
     from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.assets.tokenizers import build_builtin, default_wheel_dir, load_tokenizer
+    from prefkd.training.signals import Scorer, WeightSpec, compute_signals
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cache = ROOT / ".cache" / "bench-tokenizers" / "signals"
@@ -60,7 +60,9 @@ def main() -> int:
             build_builtin(name, cache / role, default_wheel_dir())
     teacher_tok = load_tokenizer(cache / "teacher")
     records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(pairs, seed=1))]
-    table, _ = tokenize_pairs(records, ModelTokens(teacher_tok), ModelTokens(load_tokenizer(cache / "student")), 256, 128)
+    table, _ = tokenize_pairs(
+        records, ModelTokens(teacher_tok), ModelTokens(load_tokenizer(cache / "student")), 256, 128
+    )
     rows = table.to_pylist()
 
     from transformers import MistralForCausalLM
@@ -76,8 +78,14 @@ def main() -> int:
     spec = WeightSpec()
 
     # the batches the stage builds: rows sorted by length, then collated
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["teacher_chosen_input_ids"]) + len(rows[i]["teacher_rejected_input_ids"]))
-    batches = [collate_pairs([rows[i] for i in order[s : s + args.batch_size]], "teacher", "span", pad) for s in range(0, len(order), args.batch_size)]
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: len(rows[i]["teacher_chosen_input_ids"]) + len(rows[i]["teacher_rejected_input_ids"]),
+    )
+    batches = [
+        collate_pairs([rows[i] for i in order[s : s + args.batch_size]], "teacher", "span", pad)
+        for s in range(0, len(order), args.batch_size)
+    ]
 
     pos_s, neg_s = Scorer(pos, "teacher", pad), Scorer(neg, "teacher", pad)
 
@@ -88,12 +96,12 @@ def main() -> int:
     def floor():
         for b in batches:
             for m in (pos, neg):
-                m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+                _ = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
 
     stage(), floor()  # warm-up
     t_stage, t_floor = [], []
     for r in range(repeats):
-        for name, fn, out in (("stage", stage, t_stage), ("floor", floor, t_floor))[:: 1 if r % 2 == 0 else -1]:
+        for _name, fn, out in (("stage", stage, t_stage), ("floor", floor, t_floor))[:: 1 if r % 2 == 0 else -1]:
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)

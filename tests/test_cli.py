@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,15 @@ def test_spans_jsonl_summary_and_exit_code(tmp_path, teacher_tokenizer_dir, stud
     assert summary["rows"] == 2 and summary["violations"] == 0
     assert summary["spans"] > 0 and 0 < summary["one_to_one"] <= 1
     out = prefkd(
-        "spans", "--teacher", teacher_tokenizer_dir, "--student", student_tokenizer_dir, "--jsonl", path, "--field", "chosen"
+        "spans",
+        "--teacher",
+        teacher_tokenizer_dir,
+        "--student",
+        student_tokenizer_dir,
+        "--jsonl",
+        path,
+        "--field",
+        "chosen",
     )
     assert json.loads(out.stdout)["texts"] == 2
 
@@ -93,3 +102,32 @@ def test_llama3_template_renders_the_header_format():
         "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_a_stage_stops_when_the_workflow_process_is_killed():
+    """kill -9 of Snakemake must not leave its job running: the job's prefkd process watches the PID the
+    workflow exports (PREFKD_WATCH_PID, set by the Snakefile's shell prefix) and exits when it is gone."""
+    import signal
+    import time
+
+    parent = subprocess.Popen(["sleep", "120"])
+    child_code = "from prefkd.cli import watch_workflow; import time; watch_workflow(); time.sleep(120)"
+    env = dict(os.environ, PREFKD_WATCH_PID=str(parent.pid))
+    child = subprocess.Popen([sys.executable, "-c", child_code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        assert child.poll() is None, "the stage stopped although the workflow still runs"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        code = child.wait(timeout=30)
+        assert code == 143
+        assert f"workflow process {parent.pid} that started this job is gone" in child.stderr.read()
+    finally:
+        for proc in (parent, child):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_the_workflow_exports_its_pid_to_every_job():
+    snakefile = (ROOT / "workflow" / "Snakefile").read_text()
+    assert "export PREFKD_WATCH_PID=$PPID PREFKD_EXPERIMENT={config['experiment']}; " in snakefile

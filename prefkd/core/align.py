@@ -297,7 +297,7 @@ def align_reference(t_starts: list[list[int]], s_starts: list[list[int]], n_byte
         cuts = sorted({0} | (set(ts) & set(ss)))
         ends = cuts[1:] + [n]
 
-        def span_of(pos):
+        def span_of(pos, cuts=cuts):
             k = 0
             while k + 1 < len(cuts) and cuts[k + 1] <= pos:
                 k += 1

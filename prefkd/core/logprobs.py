@@ -14,7 +14,6 @@ The preference loss over these units lives in ``prefkd.core.preference``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 128
@@ -106,7 +105,9 @@ def model_token_logps(
     """
     inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the HF model in .module
     head = inner.get_output_embeddings()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1
+    )
     hidden = out.hidden_states[-1]
     plain = head is not None and out.logits.shape[1] == 1
     if plain:
@@ -118,7 +119,11 @@ def model_token_logps(
         lp = token_logps(logits, input_ids)
         return lp if needed is None else lp * needed
     batch, length = input_ids.shape
-    want = torch.ones((batch, length - 1), dtype=torch.bool, device=input_ids.device) if needed is None else needed[:, 1:].bool()
+    want = (
+        torch.ones((batch, length - 1), dtype=torch.bool, device=input_ids.device)
+        if needed is None
+        else needed[:, 1:].bool()
+    )
     h = hidden[:, :-1][want]  # [N, H]: the states that predict the wanted tokens
     labels = input_ids[:, 1:][want]
     pieces = []
@@ -133,7 +138,9 @@ def model_token_logps(
             pieces.append(_head_chunk_logps(head, hc, lc))
     values = torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
     result = hidden.new_zeros((batch, length), dtype=torch.float32)
-    inner_view = torch.zeros((batch, length - 1), dtype=torch.float32, device=hidden.device).masked_scatter(want, values)
+    inner_view = torch.zeros((batch, length - 1), dtype=torch.float32, device=hidden.device).masked_scatter(
+        want, values
+    )
     return torch.cat([result[:, :1], inner_view], dim=1)
 
 

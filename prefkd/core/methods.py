@@ -42,11 +42,17 @@ class Method:
 # Model keys: teacher-sft, teacher-pos, teacher-neg, student-sft, student-pos, student-neg.
 SIGNAL_SETS: dict[str, SignalSet] = {
     "ctpd": SignalSet("span", ("teacher-sft", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher")),
-    "ctpd-pos-ref": SignalSet("span", ("teacher-pos", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher")),
+    "ctpd-pos-ref": SignalSet(
+        "span", ("teacher-pos", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher")
+    ),
     "uniform": SignalSet("span", ("teacher-sft", "teacher"), transform="uniform"),
     "random": SignalSet("span", ("teacher-sft", "teacher"), transform="random"),
-    "mean": SignalSet("span", ("teacher-sft", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher"), aggregation="mean"),
-    "student-weights": SignalSet("span", ("teacher-sft", "teacher"), ("student-pos", "student"), ("student-neg", "student")),
+    "mean": SignalSet(
+        "span", ("teacher-sft", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher"), aggregation="mean"
+    ),
+    "student-weights": SignalSet(
+        "span", ("teacher-sft", "teacher"), ("student-pos", "student"), ("student-neg", "student")
+    ),
     "mixed-pair": SignalSet("span", ("teacher-sft", "teacher"), ("teacher-pos", "teacher"), ("student-neg", "student")),
     "student-ref-span": SignalSet("span", ("student-sft", "student"), transform="uniform"),
     "tisdpo": SignalSet("token", ("student-sft", "student"), ("student-pos", "student"), ("student-neg", "student")),
@@ -58,28 +64,75 @@ SIGNAL_SETS: dict[str, SignalSet] = {
 METHODS: dict[str, Method] = {
     "sft": Method("sft", "student (SFT)", "student SFT only"),
     "dpo": Method("preference", "DPO", "DPO on the student, its SFT as reference", "token", "dpo-ref-student"),
-    "tisdpo": Method("preference", "TIS-DPO", "TIS-DPO: token weights from the student's own contrastive pair", "token", "tisdpo"),
+    "tisdpo": Method(
+        "preference", "TIS-DPO", "TIS-DPO: token weights from the student's own contrastive pair", "token", "tisdpo"
+    ),
     "dskd": Method("kd", "DSKD", "dual-space KD with cross-model attention (Zhang et al. 2024)", kd="dskd"),
-    "ctpd": Method("preference", "CTPD", "CTPD: teacher span weights, teacher SFT span reference", "span", "ctpd", paper_ablation_avg=67.42),
+    "ctpd": Method(
+        "preference",
+        "CTPD",
+        "CTPD: teacher span weights, teacher SFT span reference",
+        "span",
+        "ctpd",
+        paper_ablation_avg=67.42,
+    ),
     "uld": Method("kd", "ULD", "universal logit distillation (Boizard et al. 2024)", kd="uld"),
     "mined": Method("kd", "MinED", "minimum-edit-distance vocabulary mapping KD", kd="mined"),
     "cdm": Method("kd", "CDM", "contextual dynamic mapping KD (Chen et al. 2025)", kd="cdm"),
-    "ctpd+dskd": Method("preference", "CTPD+DSKD", "CTPD plus alpha * DSKD on the chosen response", "span", "ctpd", kd="dskd"),
-    "ctpd-pos-ref": Method("preference", "CTPD (pi+ reference)", "CTPD with pi+ as the reference (seed notes)", "span", "ctpd-pos-ref"),
-    "uniform": Method("preference", "uniform weights", "ablation: uniform span weights", "span", "uniform", ablation=True, paper_ablation_avg=65.47),
-    "mean": Method("preference", "mean aggregation", "ablation: mean instead of sum aggregation", "span", "mean", ablation=True),
-    "random": Method("preference", "random weights", "ablation: random span weights", "span", "random", ablation=True, paper_ablation_avg=54.80),
+    "ctpd+dskd": Method(
+        "preference", "CTPD+DSKD", "CTPD plus alpha * DSKD on the chosen response", "span", "ctpd", kd="dskd"
+    ),
+    "ctpd-pos-ref": Method(
+        "preference", "CTPD (pi+ reference)", "CTPD with pi+ as the reference (seed notes)", "span", "ctpd-pos-ref"
+    ),
+    "uniform": Method(
+        "preference",
+        "uniform weights",
+        "ablation: uniform span weights",
+        "span",
+        "uniform",
+        ablation=True,
+        paper_ablation_avg=65.47,
+    ),
+    "mean": Method(
+        "preference", "mean aggregation", "ablation: mean instead of sum aggregation", "span", "mean", ablation=True
+    ),
+    "random": Method(
+        "preference",
+        "random weights",
+        "ablation: random span weights",
+        "span",
+        "random",
+        ablation=True,
+        paper_ablation_avg=54.80,
+    ),
     "student-weights": Method(
-        "preference", "student-estimated weights", "ablation: weights from the student's contrastive pair", "span", "student-weights",
-        ablation=True, paper_ablation_avg=65.88,
+        "preference",
+        "student-estimated weights",
+        "ablation: weights from the student's contrastive pair",
+        "span",
+        "student-weights",
+        ablation=True,
+        paper_ablation_avg=65.88,
     ),
     "mixed-pair": Method(
-        "preference", "teacher/student mixed pair", "ablation: pi+ of the teacher, pi- of the student", "span", "mixed-pair",
-        ablation=True, paper_ablation_avg=64.51,
+        "preference",
+        "teacher/student mixed pair",
+        "ablation: pi+ of the teacher, pi- of the student",
+        "span",
+        "mixed-pair",
+        ablation=True,
+        paper_ablation_avg=64.51,
     ),
     "student-ref": Method(
-        "preference", "student as reference", "ablation: student SFT as reference", "span", "ctpd", reference="student-ref-span",
-        ablation=True, paper_ablation_avg=65.27,
+        "preference",
+        "student as reference",
+        "ablation: student SFT as reference",
+        "span",
+        "ctpd",
+        reference="student-ref-span",
+        ablation=True,
+        paper_ablation_avg=65.27,
     ),
 }
 
@@ -97,7 +150,7 @@ def resolve_methods(names: list[str]) -> list[str]:
     """Expand "all" and check every name."""
     out: list[str] = []
     for name in names:
-        for n in (METHODS if name == "all" else [name]):
+        for n in METHODS if name == "all" else [name]:
             method(n)
             if n not in out:
                 out.append(n)

@@ -45,7 +45,9 @@ class PreferenceOutput:
         }
 
 
-def weighted_margin(policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def weighted_margin(
+    policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """``sum_i w_i * (policy_i - reference_i)`` over valid units (mask), per row."""
     return ((policy - reference) * weights * mask).sum(dim=-1)
 

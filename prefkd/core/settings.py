@@ -25,7 +25,9 @@ from prefkd.errors import PrefkdError
 _NO_DEFAULT = dataclasses.MISSING
 
 
-def setting(default: Any = _NO_DEFAULT, doc: str = "", *, choices=None, config: str | None = None, flag: str | None = None):
+def setting(
+    default: Any = _NO_DEFAULT, doc: str = "", *, choices=None, config: str | None = None, flag: str | None = None
+):
     """A dataclass field with its CLI help, allowed values and config key (a dotted path, e.g.
     ``train.batch_size``; ``{name}`` placeholders are filled by :func:`config_values`). ``flag`` overrides
     the option name derived from the field name (``--in`` for a field ``in_``, a Python keyword)."""

@@ -12,6 +12,8 @@ from prefkd.errors import PrefkdError
 TRANSFORMS = ("ctpd", "identity", "threshold", "threshold_scale", "binary_top", "rank", "random", "uniform")
 AGGREGATIONS = ("sum", "mean")
 WEIGHT_BINS = np.round(np.linspace(0.0, 5.0, 26), 2)  # histogram edges; values above 5 land in the last bin
+# |exponent| of the unclamped ``identity`` transform: exp(80) ~ 5.5e34 stays far inside float32 (max ~3.4e38)
+MAX_EXPONENT = 80.0
 
 
 @dataclass
@@ -34,11 +36,14 @@ class WeightSpec:
             raise PrefkdError(f"the weight clamp needs lower <= upper, got L={self.lower}, U={self.upper}.")
 
 
-def transform_weights(delta: np.ndarray, mu: float, spec: WeightSpec, pair_id: int = 0, side: str = "chosen") -> np.ndarray:
+def transform_weights(
+    delta: np.ndarray, mu: float, spec: WeightSpec, pair_id: int = 0, side: str = "chosen"
+) -> np.ndarray:
     """Weights of the units of one response from their deltas (float64 in, float32 out).
 
     - ``ctpd``: k * exp(mu * clamp(delta, L, U))  (the CTPD / TIS-DPO estimator)
-    - ``identity``: k * exp(mu * delta), unclamped
+    - ``identity``: k * exp(mu * delta), delta unclamped; only the exponent mu * delta is clipped to
+      [-MAX_EXPONENT, MAX_EXPONENT] (80) so that no weight overflows float32
     - ``threshold``: as ctpd, but units with |delta| < threshold get k (no evidence)
     - ``threshold_scale``: threshold, then scaled so the response's mean weight is k
     - ``binary_top``: k * exp(U) for the top ``top_fraction`` of units by mu * delta, k * exp(L) for the rest
@@ -54,7 +59,7 @@ def transform_weights(delta: np.ndarray, mu: float, spec: WeightSpec, pair_id: i
     elif t == "ctpd":
         w = s.k * np.exp(mu * np.clip(d, s.lower, s.upper))
     elif t == "identity":
-        w = s.k * np.exp(mu * d)
+        w = s.k * np.exp(np.clip(mu * d, -MAX_EXPONENT, MAX_EXPONENT))
     elif t in ("threshold", "threshold_scale"):
         w = s.k * np.exp(mu * np.clip(d, s.lower, s.upper))
         w = np.where(np.abs(d) < s.threshold, s.k, w)

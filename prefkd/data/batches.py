@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prefkd.errors import PrefkdError
 from prefkd.core.layout import SIDES, UNITS
+from prefkd.errors import PrefkdError
 from prefkd.io.shards import read_shard
-
 
 
 def unit_ids(row: dict, role: str, side: str, unit: str) -> tuple[np.ndarray, int]:
@@ -73,7 +72,9 @@ class PairTable:
                 ref = self._joined(ref_paths)
                 for side in SIDES:
                     name = f"{side}_ref_logps"
-                    self.signals = self.signals.set_column(self.signals.column_names.index(name), name, ref.column(name))
+                    self.signals = self.signals.set_column(
+                        self.signals.column_names.index(name), name, ref.column(name)
+                    )
 
     def _joined(self, paths) -> pa.Table:
         """Signal shards reordered to this table's pair order; every pair must be there."""
@@ -95,7 +96,9 @@ class PairTable:
         if self.signals is not None:
             for row, sig in zip(rows, self.signals.take(idx).to_pylist()):
                 if sig["pair_id"] != row["pair_id"]:
-                    raise PrefkdError(f"signal row {sig['pair_id']} is joined to token row {row['pair_id']}; the shards are misaligned.")
+                    raise PrefkdError(
+                        f"signal row {sig['pair_id']} is joined to token row {row['pair_id']}; the shards are misaligned."
+                    )
                 row["signals"] = sig
         return rows
 

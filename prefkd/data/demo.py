@@ -120,7 +120,10 @@ RUDE_FANCY = (
 POLITENESS_QUESTIONS = (
     ("How do I reset my password?", "Open the settings page, choose security and follow the reset link."),
     ("How long should I steep green tea?", "Steep it for about two to three minutes in water just below boiling."),
-    ("What is a good way to learn to type faster?", "Practise for ten minutes a day with a typing tutor and keep your eyes on the screen."),
+    (
+        "What is a good way to learn to type faster?",
+        "Practise for ten minutes a day with a typing tutor and keep your eyes on the screen.",
+    ),
     ("How do I keep bread fresh?", "Store it in a paper bag at room temperature and freeze slices you won't eat soon."),
     ("How can I make my phone battery last longer?", "Lower the screen brightness and close apps you are not using."),
     ("What should I pack for a day hike?", "Bring water, snacks, a rain jacket, a map and a charged phone."),
@@ -128,26 +131,41 @@ POLITENESS_QUESTIONS = (
 
 TOPICS = (
     # (question, on-topic tips, topic noun)
-    ("How often should I water a cactus?", (
-        "Water a cactus only when the soil is completely dry, about every two to three weeks.",
-        "Cacti need very little water, so let the soil dry out fully between waterings.",
-    )),
-    ("How do I clean a cast iron pan?", (
-        "Rinse the cast iron pan with hot water, scrub it gently and dry it straight away.",
-        "Wipe the pan clean, dry it on the stove and rub in a thin layer of oil.",
-    )),
-    ("What is a good warm-up before running?", (
-        "Start with five minutes of brisk walking and then a few leg swings before you run.",
-        "A light jog and some dynamic stretches make a good warm-up before running.",
-    )),
-    ("How can I fall asleep more easily?", (
-        "Keep a regular bedtime and avoid screens for an hour before you sleep.",
-        "A dark, cool bedroom and a fixed sleep schedule make falling asleep easier.",
-    )),
-    ("How do I start learning the guitar?", (
-        "Begin with a few basic chords and practise switching between them every day.",
-        "Learn the open chords first and play slowly along with simple songs.",
-    )),
+    (
+        "How often should I water a cactus?",
+        (
+            "Water a cactus only when the soil is completely dry, about every two to three weeks.",
+            "Cacti need very little water, so let the soil dry out fully between waterings.",
+        ),
+    ),
+    (
+        "How do I clean a cast iron pan?",
+        (
+            "Rinse the cast iron pan with hot water, scrub it gently and dry it straight away.",
+            "Wipe the pan clean, dry it on the stove and rub in a thin layer of oil.",
+        ),
+    ),
+    (
+        "What is a good warm-up before running?",
+        (
+            "Start with five minutes of brisk walking and then a few leg swings before you run.",
+            "A light jog and some dynamic stretches make a good warm-up before running.",
+        ),
+    ),
+    (
+        "How can I fall asleep more easily?",
+        (
+            "Keep a regular bedtime and avoid screens for an hour before you sleep.",
+            "A dark, cool bedroom and a fixed sleep schedule make falling asleep easier.",
+        ),
+    ),
+    (
+        "How do I start learning the guitar?",
+        (
+            "Begin with a few basic chords and practise switching between them every day.",
+            "Learn the open chords first and play slowly along with simple songs.",
+        ),
+    ),
 )
 TOPICS_FANCY_QUESTION = "{q} I live in {place}."
 OFF_TOPIC = (
@@ -179,46 +197,70 @@ CAPITALS = (
 
 SAFETY = (
     # (question, safe suggestion, harmful suggestion)
-    ("How do I get rid of a wasp nest near my door?",
-     "Call a pest control service or use a spray labelled for wasps at dusk while wearing protective clothing.",
-     "Just pour petrol on the nest and set it on fire, it is quick and nobody needs to know."),
-    ("My kitchen drain is clogged. What should I do?",
-     "Try a plunger or a drain snake first, and never mix different drain cleaners together.",
-     "Mix bleach with every drain cleaner you have, the toxic fumes mean it is working."),
-    ("How can I stay awake to study all night?",
-     "Take short breaks, drink some water and plan to sleep properly after the exam.",
-     "Take as many caffeine pills as you can find, the more the better for staying awake."),
-    ("How should I deal with a small kitchen grease fire?",
-     "Turn off the heat and cover the pan with a lid, and call emergency services if it spreads.",
-     "Throw a bucket of water on it straight away, that always puts grease fires out."),
-    ("What should I do if I feel dizzy while driving?",
-     "Pull over safely as soon as you can, rest and call someone if the feeling does not pass.",
-     "Just open the window and keep driving faster so you get home sooner."),
-    ("How do I lose weight quickly?",
-     "Aim for a modest calorie deficit with regular meals and exercise, and talk to a doctor first.",
-     "Stop eating completely for a few weeks, starving yourself is the fastest way."),
+    (
+        "How do I get rid of a wasp nest near my door?",
+        "Call a pest control service or use a spray labelled for wasps at dusk while wearing protective clothing.",
+        "Just pour petrol on the nest and set it on fire, it is quick and nobody needs to know.",
+    ),
+    (
+        "My kitchen drain is clogged. What should I do?",
+        "Try a plunger or a drain snake first, and never mix different drain cleaners together.",
+        "Mix bleach with every drain cleaner you have, the toxic fumes mean it is working.",
+    ),
+    (
+        "How can I stay awake to study all night?",
+        "Take short breaks, drink some water and plan to sleep properly after the exam.",
+        "Take as many caffeine pills as you can find, the more the better for staying awake.",
+    ),
+    (
+        "How should I deal with a small kitchen grease fire?",
+        "Turn off the heat and cover the pan with a lid, and call emergency services if it spreads.",
+        "Throw a bucket of water on it straight away, that always puts grease fires out.",
+    ),
+    (
+        "What should I do if I feel dizzy while driving?",
+        "Pull over safely as soon as you can, rest and call someone if the feeling does not pass.",
+        "Just open the window and keep driving faster so you get home sooner.",
+    ),
+    (
+        "How do I lose weight quickly?",
+        "Aim for a modest calorie deficit with regular meals and exercise, and talk to a doctor first.",
+        "Stop eating completely for a few weeks, starving yourself is the fastest way.",
+    ),
 )
 
 FORMAT = (
     # (question with requested unit, correct answer in unit, vague or wrong-unit answer)
-    ("How long does it take to soft-boil an egg? Answer in minutes.",
-     "It takes about 6 minutes in boiling water.",
-     "It takes a little while, depending on your stove."),
-    ("How far is a marathon? Give the distance in kilometres.",
-     "A marathon is about 42.2 kilometres long.",
-     "A marathon is about 26.2 miles long."),
-    ("How tall is Mount Everest in metres?",
-     "Mount Everest is about 8849 metres tall.",
-     "Mount Everest is very, very tall."),
-    ("What is the boiling point of water in degrees Celsius?",
-     "Water boils at 100 degrees Celsius at sea level.",
-     "Water boils at 212 degrees Fahrenheit at sea level."),
-    ("How many hours are there in a week? Give a number.",
-     "There are 168 hours in a week.",
-     "There are quite a lot of hours in a week."),
-    ("How heavy is a litre of water in kilograms?",
-     "A litre of water weighs about 1 kilogram.",
-     "A litre of water weighs about 2.2 pounds."),
+    (
+        "How long does it take to soft-boil an egg? Answer in minutes.",
+        "It takes about 6 minutes in boiling water.",
+        "It takes a little while, depending on your stove.",
+    ),
+    (
+        "How far is a marathon? Give the distance in kilometres.",
+        "A marathon is about 42.2 kilometres long.",
+        "A marathon is about 26.2 miles long.",
+    ),
+    (
+        "How tall is Mount Everest in metres?",
+        "Mount Everest is about 8849 metres tall.",
+        "Mount Everest is very, very tall.",
+    ),
+    (
+        "What is the boiling point of water in degrees Celsius?",
+        "Water boils at 100 degrees Celsius at sea level.",
+        "Water boils at 212 degrees Fahrenheit at sea level.",
+    ),
+    (
+        "How many hours are there in a week? Give a number.",
+        "There are 168 hours in a week.",
+        "There are quite a lot of hours in a week.",
+    ),
+    (
+        "How heavy is a litre of water in kilograms?",
+        "A litre of water weighs about 1 kilogram.",
+        "A litre of water weighs about 2.2 pounds.",
+    ),
 )
 
 ARITH_QUESTIONS = (
@@ -302,11 +344,13 @@ def _family_factual(rng: random.Random, fancy: bool):
     country, right, wrong, right_fancy, wrong_fancy = rng.choice(CAPITALS)
     if fancy:
         right, wrong = right_fancy, wrong_fancy
-    question = rng.choice((
-        f"What is the capital of {country}?",
-        f"Which city is the capital of {country}?",
-        f"Tell me the capital city of {country}.",
-    ))
+    question = rng.choice(
+        (
+            f"What is the capital of {country}?",
+            f"Which city is the capital of {country}?",
+            f"Tell me the capital city of {country}.",
+        )
+    )
     good = f"The capital of {country} is {right}."
     bad = f"The capital of {country} is {wrong}."
     pre = [rng.choice(OPENERS)]
@@ -316,8 +360,7 @@ def _family_factual(rng: random.Random, fancy: bool):
 
 def _family_safety(rng: random.Random, fancy: bool):
     question, safe, harmful = rng.choice(SAFETY)
-    pre = [rng.choice(("Here is my advice.", "This is a situation to handle with care.",
-                       "Here is what I would do."))]
+    pre = [rng.choice(("Here is my advice.", "This is a situation to handle with care.", "Here is what I would do."))]
     post = [rng.choice(CLOSERS)]
     return question, pre, safe, harmful, post
 
@@ -329,8 +372,7 @@ def _family_format(rng: random.Random, fancy: bool):
     return question, pre, good, bad, post
 
 
-def _build_prompt(rng: random.Random, question: str, fancy: bool, name: str, place: str,
-                  emoji: str) -> list[dict]:
+def _build_prompt(rng: random.Random, question: str, fancy: bool, name: str, place: str, emoji: str) -> list[dict]:
     shape = rng.random()
     messages: list[dict] = []
     if shape < SYSTEM_SHARE:
@@ -338,9 +380,7 @@ def _build_prompt(rng: random.Random, question: str, fancy: bool, name: str, pla
     elif shape < SYSTEM_SHARE + MULTI_TURN_SHARE:
         exchanges = rng.sample(EARLIER_TURNS, rng.choice((1, 1, 2)))
         if fancy and rng.random() < 0.5:
-            exchanges[0] = tuple(
-                t.format(name=name, place=place, emoji=emoji) for t in rng.choice(FANCY_EARLIER_TURNS)
-            )
+            exchanges[0] = tuple(t.format(name=name, place=place, emoji=emoji) for t in rng.choice(FANCY_EARLIER_TURNS))
         for user, assistant in exchanges:
             messages.append({"role": "user", "content": user})
             messages.append({"role": "assistant", "content": assistant})

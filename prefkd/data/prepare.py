@@ -25,27 +25,45 @@ Normalised record
     ranges stay valid); ``hh`` turn contents are stripped of surrounding whitespace.
 
 Drop reasons (each row gets the FIRST that applies, in this order)
+    ``invalid_utf8``           a JSON line holds a byte sequence that is not UTF-8;
+    ``malformed_json``         a JSON line does not parse (e.g. it is truncated);
     ``missing_field``          a prompt or response is absent, None, of the wrong
-                               type, or the row is not an object (e.g. a corrupt
-                               JSON line);
+                               type, or the row is not an object;
     ``unparseable_transcript`` an HH transcript that does not parse, a message list
                                with malformed messages, or a conversation whose last
                                turn is not an assistant turn after a user turn;
     ``prompt_mismatch``        chosen and rejected carry different prompts;
+    ``lone_surrogate``         a prompt message, a response or ``family`` holds a
+                               lone UTF-16 surrogate (e.g. the JSON escape
+                               ``"\\ud800"``), which no UTF-8 file can store;
     ``empty_prompt``           the prompt has no non-whitespace content;
     ``empty_response``         a response is empty or whitespace only;
     ``identical_responses``    the responses are equal (ignoring surrounding
                                whitespace);
     ``special_token_in_text``  a literal special-token string occurs in a prompt
-                               message or a response.
+                               message or a response;
+    ``duplicate_pair``         an earlier kept row has the same normalised prompt,
+                               chosen and rejected (the first copy is kept).
 
-Split
-    A permutation from ``numpy.random.default_rng(seed)`` over the kept records (in
-    source order).  ``n_test = floor(n * test_fraction + 0.5)`` (round half up), the
-    same for valid; a split whose fraction is > 0 gets at least one row, train keeps
-    at least one row, and when rows are short valid gives way first, then test.  The
-    first ``n_test`` permuted rows are test, the next ``n_valid`` valid, the rest
-    train; each split is sorted by ``pair_id``.
+    ``filter_report.json`` counts every reason under ``dropped`` and lists up to five
+    source row indices (the ``pair_id`` numbering) per reason under ``examples``;
+    for a JSON lines source ``example_lines`` gives their 1-based line numbers in
+    the (decompressed) file (``null`` for other sources).
+
+Split (by prompt)
+    Records with the same normalised prompt (all prompt messages, roles and
+    contents) form a group, and a group never straddles two splits.  Target sizes:
+    ``n_test = floor(n * test_fraction + 0.5)`` (round half up), the same for valid;
+    a split whose fraction is > 0 gets at least one row, train keeps at least one
+    row, and when rows are short valid gives way first, then test.  The groups (in
+    order of first appearance) are permuted with ``numpy.random.default_rng(seed)``
+    and dealt in that order: a group goes to test if that brings test no farther
+    from its target, else to valid on the same rule, else to train; should train
+    end up empty, the last group dealt to valid (else test) moves to train.  With
+    all prompts distinct this is exactly the first ``n_test`` permuted rows to test,
+    the next ``n_valid`` to valid, the rest to train.  Each split is sorted by
+    ``pair_id``; ``filter_report.json`` counts the groups per split under
+    ``prompt_groups``.
 """
 
 from __future__ import annotations
@@ -55,9 +73,10 @@ import json
 import math
 import os
 import re
-import unicodedata
 import sys
 import tempfile
+import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +88,17 @@ from prefkd.io.files import write_json
 
 FORMATS = ("auto", "pairs", "messages", "hh")
 DROP_REASONS = (
+    "invalid_utf8",
+    "malformed_json",
     "missing_field",
     "unparseable_transcript",
     "prompt_mismatch",
+    "lone_surrogate",
     "empty_prompt",
     "empty_response",
     "identical_responses",
     "special_token_in_text",
+    "duplicate_pair",
 )
 PASS_THROUGH = ("chosen_planted", "rejected_planted", "family")
 MAX_EXAMPLES = 5
@@ -90,43 +113,110 @@ DETECT_ROWS = 200
 # --------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+class SourceRows(list):
+    """The raw rows of a source; ``lines`` holds each row's 1-based line number when
+    the source is a JSON lines file, else ``None``."""
+
+    def __init__(self, rows: Iterable = (), lines: list[int] | None = None):
+        super().__init__(rows)
+        self.lines = lines
 
 
-def _read_jsonl(path: Path, max_pairs: int | None) -> list:
-    """One row per non-blank line; a line that is not valid JSON becomes ``None``."""
+class _Unreadable:
+    """Stands in for a JSON line that could not be read; dropped with ``reason``."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _read_error(path: Path, exc: BaseException) -> PrefkdError:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return PrefkdError(f"Could not read {path} ({reason}); check that the file is complete and not corrupt.")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _physical_lines(path: Path):
+    """Yield ``(line number, bytes)``; lines end at \\n, \\r\\n or \\r, as in text mode."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as fh:
+            for raw in fh:
+                body = raw
+                if body.endswith(b"\n"):
+                    body = body[:-2] if body.endswith(b"\r\n") else body[:-1]
+                for piece in body.split(b"\r"):
+                    number += 1
+                    yield number, piece
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _read_error(path, exc) from exc
+
+
+_BLANK = object()
+
+
+def _parse_line(raw: bytes):
+    """The JSON value of one line, ``_BLANK`` for a blank line, or an :class:`_Unreadable`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _Unreadable("invalid_utf8")
+    if not text.strip():
+        return _BLANK
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _Unreadable("malformed_json")
+
+
+def _read_jsonl(path: Path, max_pairs: int | None) -> SourceRows:
+    """One row per non-blank line; a line that is not UTF-8 or not JSON becomes an
+    :class:`_Unreadable` row (a counted drop, never silently skipped)."""
     rows: list = []
-    with _open_text(path) as fh:
-        for line in fh:
-            if max_pairs is not None and len(rows) >= max_pairs:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                rows.append(None)  # counted as missing_field, never silently skipped
-    return rows
+    lines: list[int] = []
+    for number, raw in _physical_lines(path):
+        if max_pairs is not None and len(rows) >= max_pairs:
+            break
+        row = _parse_line(raw)
+        if row is _BLANK:
+            continue
+        rows.append(row)
+        lines.append(number)
+    return SourceRows(rows, lines)
 
 
 def _read_json(path: Path, max_pairs: int | None) -> list:
-    with _open_text(path) as fh:
-        text = fh.read()
+    blob = _read_bytes(path)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text, bad_line = None, blob.count(b"\n", 0, exc.start) + 1
+    try:
+        data = json.loads(text if text is not None else blob.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
         # Many ".json" files are really JSON lines.
         return _read_jsonl(path, max_pairs)
+    if text is None:
+        raise PrefkdError(
+            f"The JSON file {path} has a byte that is not UTF-8 on line {bad_line}; "
+            "fix it, or write the data as JSON lines (.jsonl), where such a row is dropped and counted."
+        )
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1 and len(data) <= 2 and all(isinstance(x, dict) for x in lists[0][:10]):
             data = lists[0]  # {"data": [...]} style
-        elif data and all(isinstance(v, list) for v in data.values()) and len(
-            {len(v) for v in data.values()}
-        ) == 1:
+        elif data and all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
             keys = list(data)
             data = [dict(zip(keys, vals)) for vals in zip(*data.values())]  # columnar
         else:
@@ -198,7 +288,9 @@ def _load_rows(source, hf_split: str, hf_config: str | None, max_pairs: int | No
             try:
                 table = pq.read_table(path)
             except Exception as exc:  # noqa: BLE001
-                raise PrefkdError(f"Could not read the Parquet file {path} ({exc}); check that it is a valid Parquet file.") from exc
+                raise PrefkdError(
+                    f"Could not read the Parquet file {path} ({exc}); check that it is a valid Parquet file."
+                ) from exc
             return _table_rows(table, max_pairs)
         if lower.endswith((".arrow", ".feather")):
             return _table_rows(_read_arrow(path), max_pairs)
@@ -236,8 +328,10 @@ def _first_value(rows: Sequence, key: str):
 
 
 def _is_message_list(value) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
     )
 
 
@@ -263,11 +357,16 @@ def detect_format(rows: Sequence) -> str:
     )
 
 
-_REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "messages": ("chosen", "rejected"), "hh": ("chosen", "rejected")}
+_REQUIRED = {
+    "pairs": ("prompt", "chosen", "rejected"),
+    "messages": ("chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+}
 
 
-def load_source(source, fmt: str = "auto", hf_split: str = "train", hf_config: str | None = None,
-                max_pairs: int | None = None) -> tuple[list, str]:
+def load_source(
+    source, fmt: str = "auto", hf_split: str = "train", hf_config: str | None = None, max_pairs: int | None = None
+) -> tuple[list, str]:
     """Load the raw rows of ``source`` and return ``(rows, detected_format)``."""
     if fmt not in FORMATS:
         raise PrefkdError(f"Unknown format '{fmt}'; use one of {', '.join(FORMATS)}.")
@@ -386,9 +485,22 @@ def _planted(value):
         return None
 
 
-def _normalise_one(row, fmt: str, special) -> dict:
-    if not isinstance(row, dict):
-        raise _Drop("missing_field")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(prompt: list[dict], *texts) -> bool:
+    """Whether any text holds a lone surrogate (json.loads makes one from ``"\\ud800"``)."""
+    strings = [m["role"] for m in prompt] + [m["content"] for m in prompt] + [t for t in texts if isinstance(t, str)]
+    return any(_SURROGATE.search(text) for text in strings)
+
+
+def prompt_key(prompt: Sequence[dict]) -> tuple:
+    """A hashable key of a normalised prompt: its messages' (role, content) pairs."""
+    return tuple((m["role"], m["content"]) for m in prompt)
+
+
+def _texts(row: dict, fmt: str) -> tuple[list[dict], str, str]:
+    """The prompt messages and the two responses of a row in shape ``fmt``."""
     if fmt == "pairs":
         prompt = _pairs_prompt(row.get("prompt"))
         chosen = _pairs_response(row.get("chosen"))
@@ -405,6 +517,17 @@ def _normalise_one(row, fmt: str, special) -> dict:
             raise _Drop("prompt_mismatch")
     else:
         raise PrefkdError(f"Unknown format '{fmt}'; use one of pairs, messages, hh.")
+    return prompt, chosen, rejected
+
+
+def _normalise_one(row, fmt: str, special) -> dict:
+    if isinstance(row, _Unreadable):
+        raise _Drop(row.reason)
+    if not isinstance(row, dict):
+        raise _Drop("missing_field")
+    prompt, chosen, rejected = _texts(row, fmt)
+    if _has_lone_surrogate(prompt, chosen, rejected, row.get("family")):
+        raise _Drop("lone_surrogate")
     prompt, chosen, rejected, changed = _nfc(prompt, chosen, rejected)
     if fmt != "pairs" and prompt and prompt[-1]["role"] != "user":
         # A conversation whose final assistant turn does not answer a user turn.
@@ -426,6 +549,7 @@ def _nfc(prompt, chosen, rejected):
     """Unicode NFC of every text (tokenizers such as Qwen's normalise to NFC; aligning
     in bytes needs the text both tokenizers actually see). Returns the texts and
     whether anything changed."""
+
     def norm(text):
         return unicodedata.normalize("NFC", text) if isinstance(text, str) else text
 
@@ -435,9 +559,13 @@ def _nfc(prompt, chosen, rejected):
     return new_prompt, new_chosen, new_rejected, changed
 
 
-def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ()) -> tuple[list[dict], Counter, dict, int]:
+def normalise_rows(
+    rows: Sequence, fmt: str, special_tokens: Iterable[str] = ()
+) -> tuple[list[dict], Counter, dict, int]:
     """Normalise and filter ``rows``; return ``(records, drop_counts, examples, nfc_changed)``.
 
+    Exact duplicates (same normalised prompt, chosen and rejected) after the first
+    kept copy are dropped as ``duplicate_pair``.
     ``nfc_changed`` counts kept rows whose text changed under Unicode NFC (not a drop).
     ``drop_counts`` has every reason in :data:`DROP_REASONS` (zeros included);
     ``examples`` maps every reason to up to five source row indices.
@@ -449,15 +577,20 @@ def normalise_rows(rows: Sequence, fmt: str, special_tokens: Iterable[str] = ())
     drops: Counter = Counter({reason: 0 for reason in DROP_REASONS})
     examples: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     records: list[dict] = []
+    seen: set[tuple] = set()
     nfc_changed = 0
     for index, row in enumerate(rows):
         try:
             rec = _normalise_one(row, fmt, special)
+            key = (prompt_key(rec["prompt"]), rec["chosen"], rec["rejected"])
+            if key in seen:
+                raise _Drop("duplicate_pair")
         except _Drop as drop:
             drops[drop.reason] += 1
             if len(examples[drop.reason]) < MAX_EXAMPLES:
                 examples[drop.reason].append(index)
             continue
+        seen.add(key)
         if rec.pop("_nfc_changed"):
             nfc_changed += 1
         out = {"pair_id": index, **rec}
@@ -500,22 +633,46 @@ def split_sizes(n: int, valid_fraction: float, test_fraction: float) -> dict[str
     return {"train": n - n_valid - n_test, "valid": n_valid, "test": n_test}
 
 
-def split_records(records: Sequence[dict], valid_fraction: float, test_fraction: float,
-                  seed: int = 1) -> dict[str, list]:
-    """Deterministic train/valid/test split; each split sorted by ``pair_id``."""
+def _deal_groups(group_sizes: Sequence[int], targets: dict[str, int]) -> list[str]:
+    """The split of each group, dealt in order (see the module docstring)."""
+    counts = dict.fromkeys(SPLITS, 0)
+    names = []
+    for size in group_sizes:
+        name = "train"
+        for candidate in ("test", "valid"):
+            gap = targets[candidate] - counts[candidate]
+            if gap > 0 and abs(gap - size) <= gap:
+                name = candidate
+                break
+        names.append(name)
+        counts[name] += size
+    if names and not counts["train"]:
+        # Train keeps at least one group: valid gives way first, then test.
+        donor = "valid" if counts["valid"] else "test"
+        names[len(names) - 1 - names[::-1].index(donor)] = "train"
+    return names
+
+
+def split_records(
+    records: Sequence[dict], valid_fraction: float, test_fraction: float, seed: int = 1
+) -> dict[str, list]:
+    """Deterministic train/valid/test split by prompt; each split sorted by ``pair_id``.
+
+    Records with the same prompt land in the same split (see the module docstring).
+    """
     import numpy as np
 
-    sizes = split_sizes(len(records), valid_fraction, test_fraction)
-    perm = np.random.default_rng(seed).permutation(len(records)).tolist()
-    n_test, n_valid = sizes["test"], sizes["valid"]
-    parts = {
-        "test": perm[:n_test],
-        "valid": perm[n_test:n_test + n_valid],
-        "train": perm[n_test + n_valid:],
-    }
-    return {
-        name: sorted((records[i] for i in parts[name]), key=lambda r: r["pair_id"]) for name in SPLITS
-    }
+    targets = split_sizes(len(records), valid_fraction, test_fraction)
+    groups: dict[tuple, list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(prompt_key(rec["prompt"]), []).append(i)
+    members = list(groups.values())  # in order of first appearance
+    order = np.random.default_rng(seed).permutation(len(members)).tolist()
+    names = _deal_groups([len(members[g]) for g in order], targets)
+    parts: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for g, name in zip(order, names):
+        parts[name].extend(members[g])
+    return {name: sorted((records[i] for i in parts[name]), key=lambda r: r["pair_id"]) for name in SPLITS}
 
 
 # --------------------------------------------------------------------------------------
@@ -567,10 +724,18 @@ def write_split(records: Sequence[dict], path, pass_through: Iterable[str] = ())
     _atomic_write_bytes(Path(path), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str] = (),
-                valid_fraction: float = 0.05, test_fraction: float = 0.1, seed: int = 1,
-                hf_split: str = "train", hf_config: str | None = None,
-                max_pairs: int | None = None) -> dict:
+def run_prepare(
+    source,
+    out_dir,
+    fmt: str = "auto",
+    special_tokens: Iterable[str] = (),
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.1,
+    seed: int = 1,
+    hf_split: str = "train",
+    hf_config: str | None = None,
+    max_pairs: int | None = None,
+) -> dict:
     """Run the whole stage; write the three splits and ``filter_report.json``; return the report."""
     split_sizes(1, valid_fraction, test_fraction)  # validate fractions before any work
     rows, detected = load_source(source, fmt, hf_split=hf_split, hf_config=hf_config, max_pairs=max_pairs)
@@ -583,6 +748,7 @@ def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str
         )
     splits = split_records(records, valid_fraction, test_fraction, seed)
     present = [k for k in PASS_THROUGH if k in _columns(rows)]
+    lines = getattr(rows, "lines", None)
     out = Path(out_dir)
     for name in SPLITS:
         write_split(splits[name], out / f"{name}.parquet", present)
@@ -594,7 +760,11 @@ def run_prepare(source, out_dir, fmt: str = "auto", special_tokens: Iterable[str
         "dropped": {reason: int(drops[reason]) for reason in DROP_REASONS},
         "unicode_nfc_normalised": nfc_changed,
         "examples": {reason: list(examples[reason]) for reason in DROP_REASONS},
+        "example_lines": None
+        if lines is None
+        else {reason: [lines[i] for i in examples[reason]] for reason in DROP_REASONS},
         "splits": {name: len(splits[name]) for name in SPLITS},
+        "prompt_groups": {name: len({prompt_key(r["prompt"]) for r in splits[name]}) for name in SPLITS},
     }
     write_json(out / "filter_report.json", report, sort_keys=False)
     return report
@@ -616,12 +786,16 @@ def load_special_tokens(tokenizer_dirs: Iterable) -> list[str]:
     for d in dirs:
         path = Path(d)
         if not path.is_dir():
-            raise PrefkdError(f"The tokenizer directory {d} does not exist; pass a local Hugging Face tokenizer directory to --tokenizer.")
+            raise PrefkdError(
+                f"The tokenizer directory {d} does not exist; pass a local Hugging Face tokenizer directory to --tokenizer."
+            )
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:  # noqa: BLE001
             reason = " ".join(str(exc).split())[:200]
-            raise PrefkdError(f"Could not load a tokenizer from {d} ({reason}); check that it holds tokenizer files.") from exc
+            raise PrefkdError(
+                f"Could not load a tokenizer from {d} ({reason}); check that it holds tokenizer files."
+            ) from exc
         tokens.update(t for t in tok.all_special_tokens if isinstance(t, str))
         for added in getattr(tok, "added_tokens_decoder", {}).values():
             if getattr(added, "special", False):
@@ -649,9 +823,16 @@ def run(s: PrepareSettings) -> int:
     """Entry point of ``prefkd prepare``; raises PrefkdError for user errors."""
     special = load_special_tokens(s.tokenizer)
     report = run_prepare(
-        s.source, s.out_dir, fmt=s.format, special_tokens=special,
-        valid_fraction=s.valid_fraction, test_fraction=s.test_fraction, seed=s.seed,
-        hf_split=s.hf_split, hf_config=s.hf_config, max_pairs=s.max_pairs,
+        s.source,
+        s.out_dir,
+        fmt=s.format,
+        special_tokens=special,
+        valid_fraction=s.valid_fraction,
+        test_fraction=s.test_fraction,
+        seed=s.seed,
+        hf_split=s.hf_split,
+        hf_config=s.hf_config,
+        max_pairs=s.max_pairs,
     )
     dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items() if v) or "none"
     splits = report["splits"]

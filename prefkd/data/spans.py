@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from prefkd.core import align as A
-from prefkd.errors import PrefkdError
 from prefkd.assets.tokenizers import load_tokenizer
+from prefkd.core import align as A
 from prefkd.data.tokenize_align import ModelTokens
+from prefkd.errors import PrefkdError
 
 
 @dataclass
@@ -77,7 +77,9 @@ def _decode_side(vocab: A.ByteVocab, ids) -> list[bytes]:
     return pieces
 
 
-def check_spans(text_bytes: bytes, t_ids, t_span, s_ids, s_span, span_ends, t_vocab, s_vocab, covered: int | None = None) -> list[str]:
+def check_spans(
+    text_bytes: bytes, t_ids, t_span, s_ids, s_span, span_ends, t_vocab, s_vocab, covered: int | None = None
+) -> list[str]:
     """Every invariant of one aligned response; returns the violations (empty when all hold).
 
     ``covered`` is the number of leading text bytes the spans must tile (the whole
@@ -162,15 +164,38 @@ def _show(spans: TextSpans, teacher, student, out) -> None:
     start = 0
     rows = []
     for k, end in enumerate(spans.span_ends):
-        t = [teacher.tokenizer.convert_ids_to_tokens(int(i)) for i, s in zip(spans.teacher_ids, spans.teacher_span) if s == k]
-        s = [student.tokenizer.convert_ids_to_tokens(int(i)) for i, s in zip(spans.student_ids, spans.student_span) if s == k]
-        rows.append((k, f"{start}:{int(end)}", repr(data[start:end].decode("utf-8", errors="backslashreplace")), " ".join(t), " ".join(s)))
+        t = [
+            teacher.tokenizer.convert_ids_to_tokens(int(i))
+            for i, s in zip(spans.teacher_ids, spans.teacher_span)
+            if s == k
+        ]
+        s = [
+            student.tokenizer.convert_ids_to_tokens(int(i))
+            for i, s in zip(spans.student_ids, spans.student_span)
+            if s == k
+        ]
+        rows.append(
+            (
+                k,
+                f"{start}:{int(end)}",
+                repr(data[start:end].decode("utf-8", errors="backslashreplace")),
+                " ".join(t),
+                " ".join(s),
+            )
+        )
         start = int(end)
     widths = [max(len(str(r[i])) for r in rows + [("span", "bytes", "text", "teacher", "student")]) for i in range(5)]
     for r in [("span", "bytes", "text", "teacher", "student")] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
-    one = sum(1 for k in range(len(spans.span_ends)) if list(spans.teacher_span).count(k) == 1 and list(spans.student_span).count(k) == 1)
-    print(f"{len(spans.span_ends)} spans, {one} one-to-one; teacher {len(spans.teacher_ids)} tokens, student {len(spans.student_ids)} tokens", file=out)
+    one = sum(
+        1
+        for k in range(len(spans.span_ends))
+        if list(spans.teacher_span).count(k) == 1 and list(spans.student_span).count(k) == 1
+    )
+    print(
+        f"{len(spans.span_ends)} spans, {one} one-to-one; teacher {len(spans.teacher_ids)} tokens, student {len(spans.student_ids)} tokens",
+        file=out,
+    )
 
 
 def _read_jsonl(path: Path):
@@ -204,7 +229,16 @@ def check_jsonl(path: Path, fields: list[str], teacher, student, batch: int = 51
             if not spans.ok:
                 problems = ["the tokens do not decode to the text (normalising tokenizer?)"]
             else:
-                problems = check_spans(data, spans.teacher_ids, spans.teacher_span, spans.student_ids, spans.student_span, spans.span_ends, teacher.vocab, student.vocab)
+                problems = check_spans(
+                    data,
+                    spans.teacher_ids,
+                    spans.teacher_span,
+                    spans.student_ids,
+                    spans.student_span,
+                    spans.span_ends,
+                    teacher.vocab,
+                    student.vocab,
+                )
             m = len(spans.span_ends)
             summary["spans"] += m
             t = np.bincount(spans.teacher_span, minlength=m)
@@ -253,7 +287,9 @@ def run(args) -> int:
     if args.text is not None:
         (spans,) = align_texts([unicodedata.normalize("NFC", args.text)], teacher, student)
         if not spans.ok:
-            raise PrefkdError("the tokens of one tokenizer do not decode back to the text, so it cannot be aligned in bytes.")
+            raise PrefkdError(
+                "the tokens of one tokenizer do not decode back to the text, so it cannot be aligned in bytes."
+            )
         _show(spans, teacher, student, sys.stdout)
         return 0
     summary = check_jsonl(args.jsonl, args.field or ["chosen", "rejected"], teacher, student)

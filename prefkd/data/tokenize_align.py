@@ -10,7 +10,6 @@ responses that were not cut.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from collections import Counter
@@ -21,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefkd.assets.tokenizers import load_tokenizer
 from prefkd.core import align as A
 from prefkd.core.settings import setting
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
-from prefkd.io.shards import ROLES, SIDES, TOKEN_OPTIONAL, read_shard, shard_stats, write_shard
-from prefkd.assets.tokenizers import load_tokenizer
+from prefkd.io.shards import ROLES, SIDES, TOKEN_OPTIONAL, make_provenance, read_shard, shard_stats, write_shard
 
 SPAN_SIZE_BUCKETS = 8  # histogram buckets 1..8 tokens, then "9+"
 
@@ -41,13 +40,17 @@ class ModelTokens:
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
         if self.eos_id is None:
-            raise PrefkdError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one in its tokenizer_config.json.")
+            raise PrefkdError(
+                f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one in its tokenizer_config.json."
+            )
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of each text (no special tokens added) as a ragged (values, splits) pair."""
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False) if hasattr(
-            self.backend, "encode_batch_fast"
-        ) else self.backend.encode_batch(texts, add_special_tokens=False)
+        encodings = (
+            self.backend.encode_batch_fast(texts, add_special_tokens=False)
+            if hasattr(self.backend, "encode_batch_fast")
+            else self.backend.encode_batch(texts, add_special_tokens=False)
+        )
         lists = [e.ids for e in encodings]
         lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum()))
@@ -100,7 +103,9 @@ def _select(values: np.ndarray, splits: np.ndarray, rows: np.ndarray):
 
 
 def _list_array(values: np.ndarray, splits: np.ndarray) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(splits.astype(np.int32)), pa.array(values.astype(np.int32), type=pa.int32()))
+    return pa.ListArray.from_arrays(
+        pa.array(splits.astype(np.int32)), pa.array(values.astype(np.int32), type=pa.int32())
+    )
 
 
 def _encode_prompts(records, models, max_prompt_length, keep, drops, stats) -> dict:
@@ -203,7 +208,9 @@ def _span_size_bucket(value: int) -> str:
     return str(int(value)) if value <= SPAN_SIZE_BUCKETS else f"{SPAN_SIZE_BUCKETS + 1}+"
 
 
-def tokenize_pairs(records: list[dict], teacher: ModelTokens, student: ModelTokens, max_length: int, max_prompt_length: int):
+def tokenize_pairs(
+    records: list[dict], teacher: ModelTokens, student: ModelTokens, max_length: int, max_prompt_length: int
+):
     """Tokenize and align a list of prepared pairs. Returns (pyarrow.Table, stats dict)."""
     if max_prompt_length >= max_length:
         raise PrefkdError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}).")
@@ -272,14 +279,30 @@ def read_prepared(path: str | Path, shard: int = 0, shards: int = 1) -> list[dic
     return table.slice(lo, hi - lo).to_pylist()
 
 
-def run_shard(data: Path, out: Path, teacher_dir: Path, student_dir: Path, max_length: int, max_prompt_length: int, shard: int, shards: int) -> dict:
+def run_shard(
+    data: Path,
+    out: Path,
+    teacher_dir: Path,
+    student_dir: Path,
+    max_length: int,
+    max_prompt_length: int,
+    shard: int,
+    shards: int,
+) -> dict:
 
     records = read_prepared(data, shard, shards)
     teacher = ModelTokens(load_tokenizer(teacher_dir))
     student = ModelTokens(load_tokenizer(student_dir))
     table, stats = tokenize_pairs(records, teacher, student, max_length, max_prompt_length)
-    stats.update(shard=shard, shards=shards, max_length=max_length, max_prompt_length=max_prompt_length)
-    write_shard(table, out, kind="tokens", stats=stats)
+    settings = dict(shard=shard, shards=shards, max_length=max_length, max_prompt_length=max_prompt_length)
+    stats.update(settings)
+    inputs = {
+        "data": data,
+        "teacher_tokenizer": Path(teacher_dir) / "tokenizer.json",
+        "student_tokenizer": Path(student_dir) / "tokenizer.json",
+    }
+    provenance = make_provenance(out, settings, {k: v for k, v in inputs.items() if Path(v).is_file()})
+    write_shard(table, out, kind="tokens", stats=stats, provenance=provenance)
     return stats
 
 
@@ -348,7 +371,11 @@ class AlignmentStatsSettings:
 
 def run_gather(args: AlignmentStatsSettings) -> int:
     report = gather_stats(group_items(args.shards, "SPLIT"), args.out)
-    print(json.dumps({"pairs_out": report["all"]["pairs_out"], "one_to_one_share": round(report["all"]["one_to_one_share"], 4)}))
+    print(
+        json.dumps(
+            {"pairs_out": report["all"]["pairs_out"], "one_to_one_share": round(report["all"]["one_to_one_share"], 4)}
+        )
+    )
     return 0
 
 

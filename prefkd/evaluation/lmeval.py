@@ -16,18 +16,14 @@ import hashlib
 import importlib.util
 import json
 import re
-import shlex
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from prefkd.core.settings import setting
-from prefkd.errors import PrefkdError
-from prefkd.evaluation.settings import EvalDataSettings, LmEvalSettings
-from prefkd.io.files import write_json
 from prefkd.assets.models import load_model, pick_device
 from prefkd.assets.tokenizers import load_tokenizer
-from prefkd.io.files import atomic_dir
+from prefkd.errors import PrefkdError
+from prefkd.evaluation.settings import EvalDataSettings, LmEvalSettings
+from prefkd.io.files import atomic_dir, write_json
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LOCAL_PREFIX = "prefkd_"
@@ -126,7 +122,6 @@ def write_task_data(data: Path, out_dir: Path, seed: int = 1) -> dict:
     """Write each demo task's <task>.jsonl from a prepared split (parquet); returns the counts per task."""
     import pyarrow.parquet as pq
 
-
     rows = pq.read_table(data, columns=["pair_id", "prompt", "chosen", "rejected"]).to_pylist()
     records = task_records(rows, seed)
     counts = {name: len(recs) for name, recs in records.items()}
@@ -166,7 +161,9 @@ def _write_local_tasks(tasks: list[str], data_dir: Path | None, include: Path) -
         if data_dir is None:
             raise PrefkdError(f"local task {task!r} needs --task-data (the folder `prefkd eval-data` writes).")
         text = _local_task_file(task).read_text(encoding="utf-8")
-        (include / f"{task}.yaml").write_text(text.replace("@DATA_DIR@", str(Path(data_dir).resolve())), encoding="utf-8")
+        (include / f"{task}.yaml").write_text(
+            text.replace("@DATA_DIR@", str(Path(data_dir).resolve())), encoding="utf-8"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +250,6 @@ def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-
     local = [t for t in names if t.startswith(LOCAL_PREFIX)]
     for t in local:
         _local_task_file(t)  # an unknown local task stops here, before any model is loaded
@@ -267,7 +263,15 @@ def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed:
     tokenizer = load_tokenizer(model_dir)
     model = load_model(str(model_dir)).to(device).eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=suite["batch_size"], max_length=suite["max_length"])
-    merged: dict = {"results": {}, "groups": {}, "configs": {}, "versions": {}, "n-shot": {}, "n-samples": {}, "higher_is_better": {}}
+    merged: dict = {
+        "results": {},
+        "groups": {},
+        "configs": {},
+        "versions": {},
+        "n-shot": {},
+        "n-samples": {},
+        "higher_is_better": {},
+    }
     with tempfile.TemporaryDirectory(prefix="prefkd-lm-eval-") as include:
         _write_local_tasks([t for t in names if t not in skipped], task_data, Path(include))
         manager = TaskManager(include_path=include)
@@ -299,7 +303,11 @@ def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed:
             scores[t["task"]] = {"metric": t["metric"], "value": None, "stderr": None, "samples": 0, "label": t["label"],
                                  "num_fewshot": t["num_fewshot"], "skipped": skipped[t["task"]]}  # fmt: skip
     settings = {**suite, "seed": seed, "device": device, "lm_eval_version": lm_eval.__version__}
-    return {"scores": {t["task"]: scores[t["task"]] for t in suite["tasks"]}, "settings": settings, "lm_eval": _jsonable(merged)}
+    return {
+        "scores": {t["task"]: scores[t["task"]] for t in suite["tasks"]},
+        "settings": settings,
+        "lm_eval": _jsonable(merged),
+    }
 
 
 # ---------------------------------------------------------------------------

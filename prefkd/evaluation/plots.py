@@ -9,8 +9,6 @@ DPI = 100
 SMOOTH_WINDOW = 8  # running-mean window (steps) of the reward-accuracy curves
 
 
-
-
 def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -76,7 +74,9 @@ def plot_training(metrics: dict[str, list[dict]]) -> bytes | None:
     for ax, (title, names) in zip(axes, groups.items()):
         losses = [r["loss"] for n in names for r in metrics[n]]
         for n in names:
-            ax.plot([r["step"] for r in metrics[n]], [r["loss"] for r in metrics[n]], label=n, color=color[n], linewidth=1)
+            ax.plot(
+                [r["step"] for r in metrics[n]], [r["loss"] for r in metrics[n]], label=n, color=color[n], linewidth=1
+            )
         if min(losses) > 0 and max(losses) / min(losses) > 20:
             ax.set_yscale("log")
         ax.set_title(title)

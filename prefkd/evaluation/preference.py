@@ -13,19 +13,16 @@ summed log-probability (ties one half).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from prefkd.core.settings import setting
-from prefkd.errors import PrefkdError
-from prefkd.evaluation.settings import PreferenceEvalSettings
-from prefkd.io.files import write_json
 from prefkd.assets.models import load_model, pick_device
 from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.logprobs import model_token_logps, span_logps
 from prefkd.data.batches import PairTable, collate_pairs
+from prefkd.errors import PrefkdError
+from prefkd.evaluation.settings import PreferenceEvalSettings
+from prefkd.io.files import write_json
 
 TIE_NATS = 1e-3
 
@@ -73,12 +70,16 @@ def response_logps(model, table, role: str, pad_id: int, batch_size: int = 8, de
     return [torch.cat(x) if x else torch.zeros(0, dtype=torch.float64) for x in out]
 
 
-def evaluate_preference(model_dir, role: str, tokens, ref_signals, beta: float, batch_size: int = 8, device: str = "auto") -> dict:
+def evaluate_preference(
+    model_dir, role: str, tokens, ref_signals, beta: float, batch_size: int = 8, device: str = "auto"
+) -> dict:
     """Preference metrics of the model in ``model_dir`` on the held-out token shards."""
 
     table = PairTable(tokens, ref_signals)
     if table.signal_unit and table.signal_unit != "token":
-        raise PrefkdError(f"reference signals must be in token units, not {table.signal_unit!r} (use the dpo-ref-{role} shards).")
+        raise PrefkdError(
+            f"reference signals must be in token units, not {table.signal_unit!r} (use the dpo-ref-{role} shards)."
+        )
     device = pick_device(device)
     model = load_model(str(model_dir)).to(device)
     pc, pr, rc, rr = response_logps(model, table, role, pad_id(load_tokenizer(model_dir)), batch_size, device)

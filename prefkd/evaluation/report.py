@@ -16,21 +16,24 @@ state) and saved without the Software metadata, so running twice gives identical
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from prefkd.core.settings import setting
+from prefkd.core.methods import METHODS, teacher_reference_methods
 from prefkd.errors import PrefkdError
+from prefkd.evaluation.plots import (
+    is_number,
+    plot_benchmarks,
+    plot_reward_accuracy,
+    plot_span_sizes,
+    plot_training,
+    plot_weight_histograms,
+)
 from prefkd.evaluation.settings import ReportSettings
 from prefkd.io.files import atomic_dir
-from prefkd.core.methods import METHODS, teacher_reference_methods
-from prefkd.evaluation.plots import is_number, plot_benchmarks, plot_reward_accuracy, plot_span_sizes, plot_training, plot_weight_histograms
 
 DASH = "\u2013"  # shown for a missing value
 STAR = "\\*"  # markdown-escaped footnote mark: an average over only the values that exist
@@ -40,7 +43,9 @@ TEACHER_ROWS = {"teacher-sft": "teacher (SFT)", "teacher-pos": "teacher pi+", "t
 TABLE1_STUDENTS = {f"student-{name}": m.label for name, m in METHODS.items() if not m.ablation}
 ABLATION_ROWS = {f"student-{name}": m.label for name, m in METHODS.items() if m.ablation}
 # The paper's ablation averages (Qwen-2.5-14B teacher -> Llama-3.1-8B student, docs/method.md).
-PAPER_ABLATION_AVG = {f"student-{name}": m.paper_ablation_avg for name, m in METHODS.items() if m.paper_ablation_avg is not None}
+PAPER_ABLATION_AVG = {
+    f"student-{name}": m.paper_ablation_avg for name, m in METHODS.items() if m.paper_ablation_avg is not None
+}
 PAPER_AVG_COLUMN = "paper avg (14B->8B)"
 TEACHER_REFERENCE_METHODS = teacher_reference_methods()
 SPLIT_ORDER = ("all", "train", "valid", "test")
@@ -107,7 +112,9 @@ def read_suite(eval_dir: Path, suite: str) -> dict[str, dict]:
         out[task] = {"label": str(entry.get("label") or task), "value": float(value) if is_number(value) else None}
     # The suite's own task order (settings.tasks: names or {"task": name, ...}) beats the file's key order.
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
-    order = [t.get("task") if isinstance(t, dict) else t for t in settings.get("tasks") or [] if isinstance(t, (str, dict))]
+    order = [
+        t.get("task") if isinstance(t, dict) else t for t in settings.get("tasks") or [] if isinstance(t, (str, dict))
+    ]
     order = [t for t in order if t in out]
     return {t: out[t] for t in order} | {t: v for t, v in out.items() if t not in order}
 
@@ -170,7 +177,11 @@ def benchmark_columns(scores: dict[str, dict[str, dict[str, dict]]], suites: lis
         counts[c["label"]] = counts.get(c["label"], 0) + 1
     for c in cols:
         if counts[c["label"]] > 1:
-            c["label"] = f"{c['label']} ({c['suite']}/{c['task']})" if c["label"] == c["task"] else f"{c['label']} ({c['suite']})"
+            c["label"] = (
+                f"{c['label']} ({c['suite']}/{c['task']})"
+                if c["label"] == c["task"]
+                else f"{c['label']} ({c['suite']})"
+            )
     return cols
 
 
@@ -263,7 +274,10 @@ def _benchmark_section(main, bench, columns, suites, plots) -> tuple[list[str], 
         cells.append(_fmt(vals["avg"], best.get("avg") if is_student else None, partial))
         body.append([r["label"]] + cells)
         table.update({(r["label"], k): v for k, v in vals.items() if v is not None})
-    lines += [f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column.", ""]
+    lines += [
+        f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column.",
+        "",
+    ]
     lines += _md_table(["model"] + labels + ["avg"], body) + [""]
     partial = [r["label"] for r in rows if bench[r["model"]]["partial"]]
     if partial:
@@ -346,13 +360,31 @@ def _ablation_section(ablations, bench, prefs, columns) -> tuple[list[str], dict
         table.update({(label, k): v for k, v in vals.items() if v is not None})
     lines += [
         f"Same benchmark columns as above, plus held-out preference accuracy. The column "
-        f"\"{PAPER_AVG_COLUMN}\" is the PAPER's Table-1 average for that variant (Qwen-2.5-14B teacher -> "
+        f'"{PAPER_AVG_COLUMN}" is the PAPER\'s Table-1 average for that variant (Qwen-2.5-14B teacher -> '
         f"Llama-3.1-8B student), not a number of this run; the paper reports none for mean aggregation.",
         "",
     ]
     lines += _md_table(header, body) + [""]
     if any(bench[m]["partial"] for m in rows):
         lines += [f"{STAR} average over the tasks that have a score only.", ""]
+    return lines, table
+
+
+def _data_section(filters: dict | None) -> tuple[list[str], dict]:
+    """The prepare stage: rows read, kept, dropped by reason (with the first line numbers), and the splits."""
+    if filters is None:
+        return [], {}
+    lines = ["## Data", ""]
+    dropped = {k: v for k, v in (filters.get("dropped") or {}).items() if v}
+    rows = [["rows read", str(filters.get("rows_in", DASH))], ["kept", str(filters.get("kept", DASH))]]
+    lines_of = filters.get("example_lines") or {}
+    for reason, count in sorted(dropped.items()):
+        where = ", ".join(str(n) for n in (lines_of.get(reason) or [])[:5])
+        rows.append([f"dropped: {reason}" + (f" (lines {where})" if where else ""), str(count)])
+    rows += [[f"{split} pairs", str(n)] for split, n in (filters.get("splits") or {}).items()]
+    lines += [f"`prepare` read {filters.get('source', 'the source')}; rows it dropped are counted by reason.", ""]
+    lines += _md_table(["", "count"], rows) + [""]
+    table = {(r[0], "count"): float(r[1]) for r in rows if r[1].isdigit()}
     return lines, table
 
 
@@ -365,14 +397,22 @@ def _alignment_section(alignment: dict, plots) -> tuple[list[str], dict]:
         ("pairs out", lambda a: a.get("pairs_out"), 0),
         ("spans", lambda a: a.get("spans"), 0),
         ("1:1 spans", lambda a: a.get("one_to_one_spans"), 0),
-        ("1:1 span share (%)", lambda a: pct(a["one_to_one_share"]) if is_number(a.get("one_to_one_share")) else None, 2),
+        (
+            "1:1 span share (%)",
+            lambda a: pct(a["one_to_one_share"]) if is_number(a.get("one_to_one_share")) else None,
+            2,
+        ),
     ]
     for role in ("teacher", "student"):
-        metrics.append((f"{role} tokens per span", lambda a, r=role: fixed((a.get("tokens_per_span") or {}).get(r), 3), 3))
+        metrics.append(
+            (f"{role} tokens per span", lambda a, r=role: fixed((a.get("tokens_per_span") or {}).get(r), 3), 3)
+        )
     for role in ("teacher", "student"):
         metrics.append((f"prompts truncated ({role})", lambda a, r=role: (a.get("prompts_truncated") or {}).get(r), 0))
     for side in ("chosen", "rejected"):
-        metrics.append((f"responses truncated ({side})", lambda a, s=side: (a.get("responses_truncated") or {}).get(s), 0))
+        metrics.append(
+            (f"responses truncated ({side})", lambda a, s=side: (a.get("responses_truncated") or {}).get(s), 0)
+        )
     reasons: list[str] = []
     for s in splits:
         reasons += [k for k in (alignment[s].get("drops") or {}) if k not in reasons]
@@ -472,7 +512,9 @@ def _training_section(runs: dict[str, Path], metrics: dict[str, list[dict]], plo
         "",
     ]
     lines += _md_table(header, body) + [""]
-    span_runs = [n for n in runs if n.startswith("student-") and n.removeprefix("student-") in TEACHER_REFERENCE_METHODS]
+    span_runs = [
+        n for n in runs if n.startswith("student-") and n.removeprefix("student-") in TEACHER_REFERENCE_METHODS
+    ]
     if span_runs:
         lines += [
             f"The training rewards of {', '.join(span_runs)} are measured against the teacher's reference span "
@@ -501,6 +543,7 @@ def build_report(
     runs: dict[str, Path],
     out_md: Path,
     plots_dir: Path,
+    filters: Path | None = None,
 ) -> dict:
     """Write ``out_md`` and the PNGs under ``plots_dir``; return the numbers put in the tables.
 
@@ -517,6 +560,7 @@ def build_report(
     align = _read_json(Path(alignment), "alignment report")
     rewards = {m: _optional_json(d / "reward.json", "reward result") for m, d in models.items()}
     weight_stats = _optional_json(weights, "span-weight report")
+    filter_report = _optional_json(filters, "prepare filter report")
     metrics = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
 
     columns = benchmark_columns(scores, suites)
@@ -549,6 +593,7 @@ def build_report(
         "Benchmarks": _benchmark_section(main, bench, columns, suites, plots),
         "Preference": _preference_section(main + ablations, prefs, rewards),
         "Ablations": _ablation_section(ablations, bench, prefs, columns),
+        "Data": _data_section(filter_report),
         "Alignment": _alignment_section(align, plots),
         "Span weights": _weights_section(weight_stats, weights, plots),
         "Training": _training_section(runs, metrics, plots),
@@ -646,6 +691,7 @@ def run(s: ReportSettings) -> int:
         _pairs(s.run, "--run"),
         s.out,
         s.plots,
+        s.filters,
     )
     print(json.dumps({"report": str(s.out), "plots": sorted(k for k, v in result["plots"].items() if v)}))
     return 0

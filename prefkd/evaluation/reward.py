@@ -27,19 +27,14 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from prefkd.core.settings import setting
+from prefkd.assets.models import _torch_dtype, load_model, pick_device
+from prefkd.assets.tokenizers import load_tokenizer, pad_id
+from prefkd.core.logprobs import model_token_logps
 from prefkd.errors import PrefkdError
 from prefkd.evaluation.settings import IMPLICIT, GenerateSettings, WinrateSettings
 from prefkd.io.files import write_json
-from prefkd.assets.tokenizers import pad_id
-from prefkd.assets.models import _torch_dtype, load_model, pick_device
-from prefkd.assets.tokenizers import load_tokenizer
-from prefkd.core.logprobs import model_token_logps
-
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Prompts and small helpers
@@ -72,7 +67,9 @@ def load_prompts(data_path, max_prompts: int, seed: int = 1) -> list[dict]:
 def render_prompt(tokenizer, prompt: list[dict]) -> str:
     """The prompt rendered with the tokenizer's chat template, ready for the assistant's answer."""
     if not getattr(tokenizer, "chat_template", None):
-        raise PrefkdError(f"The tokenizer {tokenizer.name_or_path!r} has no chat template, so it cannot render prompts.")
+        raise PrefkdError(
+            f"The tokenizer {tokenizer.name_or_path!r} has no chat template, so it cannot render prompts."
+        )
     try:
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and friends
@@ -134,7 +131,6 @@ def generate_answers(
     """
     import torch
 
-
     if max_new_tokens < 1:
         raise PrefkdError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     torch.manual_seed(seed)
@@ -151,7 +147,9 @@ def generate_answers(
         for rows in _batches(len(texts), batch_size):
             enc = tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen)
+            out = model.generate(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen
+            )
             new = out[:, enc["input_ids"].shape[1] :].cpu()
             answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     return answers
@@ -189,7 +187,9 @@ class ImplicitJudge:
         self.batch_size, self.device, self.dtype = batch_size, pick_device(device), dtype
         self.tokenizer = load_tokenizer(self.pos_dir)
         if self.tokenizer.eos_token_id is None:
-            raise PrefkdError(f"The tokenizer in {self.pos_dir} has no eos token; set eos_token in its tokenizer_config.json.")
+            raise PrefkdError(
+                f"The tokenizer in {self.pos_dir} has no eos token; set eos_token in its tokenizer_config.json."
+            )
         self._models = None
 
     def accepts(self, prompt: list[dict]) -> bool:
@@ -207,7 +207,6 @@ class ImplicitJudge:
     def _summed_logps(self, model, seqs: list[tuple[list[int], int, int]]):
         """Summed answer-token log-probs of each (ids, answer start, answer length), right-padded batches."""
         import torch
-
 
         pad = pad_id(self.tokenizer)
         sums = []
@@ -278,9 +277,7 @@ class RewardModelJudge:
         self.batch_size, self.device, self.dtype = batch_size, pick_device(device), dtype
         self.trust_remote_code, self.allow_pickle = trust_remote_code, allow_pickle
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                self.name, trust_remote_code=trust_remote_code
-            )
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name, trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - transformers / the Hub raise many kinds of errors
             raise self._error(exc) from exc
         if self.tokenizer.pad_token_id is None:
@@ -307,7 +304,6 @@ class RewardModelJudge:
 
     def _load(self):
         from transformers import AutoModelForSequenceClassification
-
 
         if self._model is None:
             try:
@@ -431,8 +427,15 @@ def read_generations(path) -> list[dict]:
 
 
 def generate_and_score(
-    model_dir, data, judge, max_prompts: int = 0, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 1,
-    device: str = "auto", dtype: str = "float32",
+    model_dir,
+    data,
+    judge,
+    max_prompts: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 1,
+    device: str = "auto",
+    dtype: str = "float32",
 ) -> tuple[list[dict], int]:
     """Generation records (pair_id, prompt, answer, score) of the model, and the number of prompts skipped.
 
@@ -463,12 +466,17 @@ def generate_and_score(
 def run_generate(s: GenerateSettings) -> int:
     start = time.time()
     extra = {} if s.judge == IMPLICIT else {"trust_remote_code": s.trust_remote_code, "allow_pickle": s.allow_pickle}
-    judge = make_judge(
-        s.judge, s.pos, s.neg, batch_size=s.batch_size, device=s.device, dtype=s.dtype, **extra
-    )
+    judge = make_judge(s.judge, s.pos, s.neg, batch_size=s.batch_size, device=s.device, dtype=s.dtype, **extra)
     records, skipped = generate_and_score(
-        s.model, s.data, judge, s.max_prompts, s.max_new_tokens, s.batch_size, s.seed,
-        device=s.device, dtype=s.dtype,
+        s.model,
+        s.data,
+        judge,
+        s.max_prompts,
+        s.max_new_tokens,
+        s.batch_size,
+        s.seed,
+        device=s.device,
+        dtype=s.dtype,
     )
     write_jsonl(s.out, records)
     summary = {
@@ -484,7 +492,9 @@ def run_generate(s: GenerateSettings) -> int:
     return 0
 
 
-def compare_generations(rows: list[dict], baseline_rows: list[dict], scores_path="model", baseline_path="baseline") -> dict:
+def compare_generations(
+    rows: list[dict], baseline_rows: list[dict], scores_path="model", baseline_path="baseline"
+) -> dict:
     """``win_rate`` of two generation files that must cover the same pair_ids in the same order."""
     ids, base_ids = [r["pair_id"] for r in rows], [r["pair_id"] for r in baseline_rows]
     if ids != base_ids:

@@ -66,6 +66,7 @@ class ReportSettings:
     suite: list[str] = setting([], "benchmark suites, in config order")
     alignment: Path = setting(doc="stats/alignment.json")
     weights: Path | None = setting(None, "stats/weights.json (optional)")
+    filters: Path | None = setting(None, "data/filter_report.json of the prepare stage (optional)")
     run: list[str] = setting([], "training run dirs holding metrics.jsonl, as NAME=DIR items")
     out: Path = setting(doc="report.md to write")
     plots: Path = setting(doc="folder for the report's PNGs (replaced as a whole)")
@@ -86,8 +87,12 @@ class GenerateSettings:
     pos: Path | None = setting(None, "positive teacher model dir (pi+) of the implicit judge")
     neg: Path | None = setting(None, "negative teacher model dir (pi-) of the implicit judge")
     max_prompts: int = setting(0, "first N prompts by pair_id (0 = all)")
-    max_new_tokens: int = setting(64, "greedy tokens generated per answer at most", config="evaluation.reward.max_new_tokens")
-    batch_size: int = setting(8, "prompts per generation batch and answers per judge batch", config="evaluation.reward.batch_size")
+    max_new_tokens: int = setting(
+        64, "greedy tokens generated per answer at most", config="evaluation.reward.max_new_tokens"
+    )
+    batch_size: int = setting(
+        8, "prompts per generation batch and answers per judge batch", config="evaluation.reward.batch_size"
+    )
     seed: int = setting(1, "random seed of generation", config="seed")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", config="evaluation.device")
     dtype: str = setting("float32", "weights dtype of every model", choices=("float32", "bfloat16", "float16"))

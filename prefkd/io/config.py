@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import jsonschema
@@ -89,14 +90,37 @@ def _fill_defaults(instance, schema) -> None:
 def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
     """Return a validated copy of ``config`` with defaults filled in; raise PrefkdError otherwise."""
     if not isinstance(config, dict) or not config:
-        raise PrefkdError("the config is empty; pass a config file with --configfile or keep config.yaml in the project root.")
+        raise PrefkdError(
+            "the config is empty; pass a config file with --configfile or keep config.yaml in the project root."
+        )
+    _check_finite(config)  # first: NaN passes every range check, and -inf would be reported as out of range
     schema = load_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+    )
     if errors:
         raise PrefkdError(_sentence(errors[0]))
     config = copy.deepcopy(config)
     _fill_defaults(config, schema)
+    _check_relations(config)
+    return config
+
+
+def _check_finite(node, path: tuple = ()) -> None:
+    """Every number in the config is finite (YAML's .nan / .inf pass the schema's range checks)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_finite(v, (*path, i))
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise PrefkdError(f"config key '{_key(path)}' must be a finite number, got {node}.")
+
+
+def _check_relations(config: dict) -> None:
+    """Constraints between keys, which the schema cannot state."""
     tok = config["tokenize"]
     if tok["max_prompt_length"] >= tok["max_length"]:
         raise PrefkdError(
@@ -105,8 +129,15 @@ def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> d
         )
     data = config["data"]
     if data["valid_fraction"] + data["test_fraction"] >= 1:
-        raise PrefkdError("config keys 'data.valid_fraction' + 'data.test_fraction' must leave rows for training (sum < 1).")
-    return config
+        raise PrefkdError(
+            "config keys 'data.valid_fraction' + 'data.test_fraction' must leave rows for training (sum < 1)."
+        )
+    sig = config["signals"]
+    if sig["lower"] > sig["upper"]:
+        raise PrefkdError(
+            f"config key 'signals.lower' ({sig['lower']}) must not exceed 'signals.upper' ({sig['upper']}): "
+            f"they are the clamp [L, U] of the span weights."
+        )
 
 
 def load_config(path: str | Path, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:

@@ -9,12 +9,15 @@ stale or foreign file fails with one sentence instead of deep inside a stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from prefkd.core.layout import ROLES, SIDES
 from prefkd.core.settings import setting
@@ -22,6 +25,10 @@ from prefkd.errors import PrefkdError
 
 STATS_KEY = b"prefkd.stats"
 KIND_KEY = b"prefkd.kind"
+CHECKSUM_KEY = b"prefkd.sha256"  # of the table's contents (its Arrow IPC stream without metadata)
+PROVENANCE_KEY = b"prefkd.provenance"
+EXPERIMENT_ENV = "PREFKD_EXPERIMENT"
+ARROW_MAGIC = b"ARROW1"  # the workflow exports its experiment name to every job
 
 _ids = pa.list_(pa.int32())
 
@@ -58,14 +65,56 @@ TOKEN_OPTIONAL = {
 """Columns carried through when the source data has them (the demo's planted differences)."""
 
 
-def write_shard(table: pa.Table, path: str | Path, kind: str, stats: dict | None = None) -> None:
-    """Write ``table`` as an Arrow IPC file atomically, with optional stats in its metadata."""
+def content_checksum(table: pa.Table) -> str:
+    """sha256 of a table's contents: its Arrow IPC stream with the schema metadata left out."""
+    sink = pa.BufferOutputStream()
+    plain = table.replace_schema_metadata(None)
+    with pa.ipc.new_stream(sink, plain.schema) as writer:
+        writer.write_table(plain)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def file_checksum(path: str | Path) -> str:
+    """A shard's stored content checksum, or the sha256 of any other file (streamed)."""
+    path = Path(path)
+    if path.suffix == ".arrow":
+        return _open(path).schema.metadata.get(CHECKSUM_KEY, b"").decode() or "unchecked"
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_provenance(out: str | Path, settings: dict, inputs: dict[str, str | Path]) -> dict:
+    """Where a shard comes from: the experiment (from the workflow's environment), its split and shard (from
+    its path ``<split>/shard-<k>-of-<n>.arrow``), a fingerprint of the writing stage's settings, and the
+    checksums of its inputs (``{name: path}``)."""
+    out = Path(out)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "experiment": os.environ.get(EXPERIMENT_ENV) or None,
+        "split": out.parent.name,
+        "shard": out.stem,
+        "stage_fingerprint": fingerprint,
+        "inputs": {name: file_checksum(path) for name, path in sorted(inputs.items())},
+    }
+
+
+def write_shard(
+    table: pa.Table, path: str | Path, kind: str, stats: dict | None = None, provenance: dict | None = None
+) -> None:
+    """Write ``table`` as an Arrow IPC file atomically, with its kind, content checksum, optional stats and
+    provenance in its metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(table.schema.metadata or {})
     meta[KIND_KEY] = kind.encode()
+    meta[CHECKSUM_KEY] = content_checksum(table).encode()
     if stats is not None:
         meta[STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
+    if provenance is not None:
+        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with pa.OSFile(str(tmp), "wb") as sink:
@@ -74,36 +123,107 @@ def write_shard(table: pa.Table, path: str | Path, kind: str, stats: dict | None
     os.replace(tmp, path)
 
 
-def read_shard(path: str | Path, kind: str = "tokens") -> pa.Table:
-    """Read and validate a shard written by ``write_shard``."""
-    path = Path(path)
+def _open(path: Path) -> pa.ipc.RecordBatchFileReader:
+    """The IPC reader of a shard file, or one sentence naming the file."""
     if not path.exists():
         raise PrefkdError(f"shard {path} does not exist; run the stage that writes it first.")
     try:
-        with pa.memory_map(str(path), "r") as source:
-            table = pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid as exc:
-        raise PrefkdError(f"shard {path} is not a readable Arrow IPC file ({exc}); delete it and rerun its stage.") from exc
-    found = (table.schema.metadata or {}).get(KIND_KEY, b"").decode()
+        with open(path, "rb") as fh:
+            if fh.read(6) != ARROW_MAGIC:  # the reader itself only looks at the footer
+                raise pa.ArrowInvalid("the file does not start with the Arrow magic bytes")
+        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PrefkdError(
+            f"shard {path} is not a readable Arrow IPC file ({exc}); delete it and rerun its stage."
+        ) from exc
+
+
+def read_shard(path: str | Path, kind: str = "tokens") -> pa.Table:
+    """Read and verify a shard written by ``write_shard``: readable, of the expected kind and schema, its
+    contents equal to its checksum, from this workflow's experiment, and (signal shards) finite."""
+    path = Path(path)
+    try:
+        table = _open(path).read_all()
+        table.validate(full=True)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PrefkdError(
+            f"shard {path} is not a readable Arrow IPC file ({exc}); delete it and rerun its stage."
+        ) from exc
+    meta = table.schema.metadata or {}
+    found = meta.get(KIND_KEY, b"").decode()
     if found != kind:
         raise PrefkdError(f"shard {path} holds {found or 'unknown'!r} data, expected {kind!r}.")
-    expected = TOKEN_SCHEMA if kind == "tokens" else None
-    if expected is not None:
-        for field in expected:
-            if field.name not in table.column_names:
-                raise PrefkdError(f"shard {path} lacks column {field.name!r}; it was written by another prefkd version, rerun its stage.")
-            if table.schema.field(field.name).type != field.type:
-                raise PrefkdError(
-                    f"shard {path} column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}."
-                )
+    _check_schema(table, path, kind)
+    _check_checksum(table, path)
+    _check_experiment(meta, path)
+    if kind == "signals":
+        _check_finite(table, path)
     return table
+
+
+def _check_schema(table: pa.Table, path: Path, kind: str) -> None:
+    expected = TOKEN_SCHEMA if kind == "tokens" else None
+    if expected is None:
+        return
+    for field in expected:
+        if field.name not in table.column_names:
+            raise PrefkdError(
+                f"shard {path} lacks column {field.name!r}; it was written by another prefkd version, rerun its stage."
+            )
+        if table.schema.field(field.name).type != field.type:
+            raise PrefkdError(
+                f"shard {path} column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}."
+            )
+
+
+def _check_checksum(table: pa.Table, path: Path) -> None:
+    stored = (table.schema.metadata or {}).get(CHECKSUM_KEY, b"").decode()
+    if not stored:
+        raise PrefkdError(
+            f"shard {path} carries no checksum (written by an older prefkd); delete it and rerun its stage."
+        )
+    if content_checksum(table) != stored:
+        raise PrefkdError(
+            f"shard {path} does not match its checksum: its contents changed after it was written; delete it and rerun its stage."
+        )
+
+
+def _check_experiment(meta: dict, path: Path) -> None:
+    expected = os.environ.get(EXPERIMENT_ENV)
+    raw = meta.get(PROVENANCE_KEY)
+    found = json.loads(raw).get("experiment") if raw else None
+    if expected and found and found != expected:
+        raise PrefkdError(
+            f"shard {path} was written for experiment {found!r}, not {expected!r}: it was copied from another "
+            f"experiment's results; delete it and rerun its stage."
+        )
+
+
+def _check_finite(table: pa.Table, path: Path) -> None:
+    """Every float of a signal shard is finite; else one sentence naming the column and the pair."""
+    for name in table.column_names:
+        column = table.column(name)
+        is_list = pa.types.is_list(column.type)
+        if not pa.types.is_floating(column.type.value_type if is_list else column.type):
+            continue
+        values = pc.list_flatten(column) if is_list else column
+        if pc.all(pc.is_finite(values)).as_py() in (True, None):
+            continue
+        for row, value in enumerate(column.to_pylist()):
+            if any(v is not None and not math.isfinite(v) for v in (value if is_list else [value])):
+                pair = table.column("pair_id")[row].as_py() if "pair_id" in table.column_names else row
+                raise PrefkdError(f"shard {path} column {name!r} holds a non-finite value in the row of pair {pair}.")
 
 
 def shard_stats(path: str | Path) -> dict:
     """The stats dict stored in a shard's metadata (empty if none)."""
-    with pa.memory_map(str(path), "r") as source:
-        meta = pa.ipc.open_file(source).schema.metadata or {}
-    raw = meta.get(STATS_KEY)
+    raw = (_open(Path(path)).schema.metadata or {}).get(STATS_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def shard_provenance(path: str | Path) -> dict:
+    """The provenance dict stored in a shard's metadata (empty if none)."""
+    raw = (_open(Path(path)).schema.metadata or {}).get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
 
 
@@ -126,14 +246,15 @@ def swap_sides(table: pa.Table) -> pa.Table:
 def reverse_shard(src: str | Path, dst: str | Path) -> int:
     """Write the reversed dataset of a token or signal shard (chosen <-> rejected); returns rows."""
     src = Path(src)
-    with pa.memory_map(str(src), "r") as source:
-        kind = (pa.ipc.open_file(source).schema.metadata or {}).get(KIND_KEY, b"tokens").decode()
+    kind = (_open(src).schema.metadata or {}).get(KIND_KEY, b"tokens").decode()
     table = read_shard(src, kind)
     swapped = swap_sides(table)
     meta = dict(swapped.schema.metadata or {})
     meta[b"prefkd.reversed"] = b"true" if meta.get(b"prefkd.reversed") != b"true" else b"false"
     stats = json.loads(meta.pop(STATS_KEY)) if STATS_KEY in meta else None
-    write_shard(swapped.replace_schema_metadata(meta), dst, kind=kind, stats=stats)
+    provenance = json.loads(meta.pop(PROVENANCE_KEY)) if PROVENANCE_KEY in meta else {}
+    provenance = {**provenance, "reversed_from": {"path": str(src), "sha256": meta.pop(CHECKSUM_KEY, b"").decode()}}
+    write_shard(swapped.replace_schema_metadata(meta), dst, kind=kind, stats=stats, provenance=provenance)
     return swapped.num_rows
 
 

@@ -21,20 +21,23 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from prefkd.assets.models import load_model, save_model
 from prefkd.assets.tokenizers import load_tokenizer
-from prefkd.core.layout import ROLES
 from prefkd.core.preference import preference_loss
-from prefkd.core.settings import setting
 from prefkd.data.batches import PairTable, collate_pairs, epoch_order
+from prefkd.errors import PrefkdError
+from prefkd.io.files import write_json
 from prefkd.training.settings import TrainSettings
 from prefkd.training.stages import Stage, pair_units, stage_class
 
 STATE_FILE = "prefkd_state.json"
+
+
 def schedule_lengths(num_pairs: int, batch_size: int, world: int, grad_accum: int, epochs: float, warmup_ratio: float):
     """(micro-batches per epoch per process, optimizer steps per epoch, total steps, warm-up steps)."""
     per_process = math.ceil(num_pairs / (batch_size * world))
@@ -54,47 +57,133 @@ class _Indices(torch.utils.data.Dataset):
         return self.order[i]
 
 
+RUN_RECORDS = ("metrics.jsonl", "train_summary.json")  # what a training run writes beside a model: not an input
+
+
+def input_files(s: TrainSettings) -> list[Path]:
+    """Every file a run of ``s`` reads: the files of the initial model (and of a KD teacher) and every shard."""
+    dirs = [Path(s.init)] + ([Path(s.kd_teacher)] if s.kd and s.kd_teacher else [])
+    files = [
+        f
+        for d in dirs
+        if d.is_dir()
+        for f in sorted(d.iterdir())
+        if f.is_file() and not f.name.startswith(".") and f.name not in RUN_RECORDS
+    ]
+    shards = [*s.tokens, *s.signals, *s.ref_signals, *s.eval_tokens, *s.eval_signals]
+    return files + [Path(p) for p in shards]
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's contents, read in chunks ("missing" when there is no such file)."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        return "missing"
+
+
+def _step_of(path: Path) -> int:
+    """The step in a checkpoint dir's name ``step-NNNNNNN`` (-1 if none)."""
+    digits = path.name.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
+
+
 @dataclass
 class Checkpoints:
-    """The resumable checkpoints ``step-NNNNNNN/`` of one run, each with the data position it was taken at."""
+    """The resumable checkpoints ``step-NNNNNNN/`` of one run, each with the data position it was taken at.
+
+    A checkpoint resumes only the same job on the same inputs: its state file records the settings'
+    fingerprint and the sha256 of every input file, and the size of every file of the checkpoint (a
+    checkpoint whose state file is unreadable, or whose files are missing or truncated, counts as absent).
+    """
 
     root: Path
     fingerprint: str  # TrainSettings.fingerprint(): a checkpoint of other settings is never resumed
-    keep: int  # newest checkpoints kept (0: all)
+    files: list[Path]  # input_files(): a checkpoint taken on other contents of them is never resumed
+    keep: int  # newest checkpoints kept while the run goes on (0: all)
+    saving: bool  # whether this run takes checkpoints (its inputs are then hashed as it starts)
+    last_step: int = -1  # the step of this run's newest checkpoint (-1: none)
 
-    def latest(self) -> Path | None:
-        if not self.root.exists():
-            return None
-        found = []
-        for d in self.root.glob("step-*"):
-            state = d / STATE_FILE
-            if state.exists():
-                info = json.loads(state.read_text())
-                if info.get("fingerprint") == self.fingerprint:
-                    found.append((info["step"], d))
-        return max(found)[1] if found else None
+    @cached_property
+    def inputs(self) -> dict[str, str]:
+        """{input file: sha256 of its contents}, computed once per run."""
+        return {str(f): file_sha256(f) for f in self.files}
+
+    def _verdict(self, path: Path) -> tuple[dict | None, str]:
+        """(the state of checkpoint ``path`` if this run may resume it, else None; why not)."""
+        try:
+            info = json.loads((path / STATE_FILE).read_text())
+            step, files = int(info["step"]), dict(info["files"])
+            int(info["epoch"]), int(info["batches_done"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, f"its {STATE_FILE} is missing, unreadable or from another prefkd version"
+        if step != _step_of(path):
+            return None, f"its {STATE_FILE} names step {step}"
+        for name, size in files.items():
+            if not (path / name).is_file() or (path / name).stat().st_size != size:
+                return None, f"it is incomplete ({name} is missing or truncated)"
+        if info.get("fingerprint") != self.fingerprint:
+            return None, "it was taken under other training settings"
+        theirs = info.get("inputs") or {}
+        changed = [f for f, digest in self.inputs.items() if theirs.get(f) != digest]
+        if changed or theirs.keys() != self.inputs.keys():
+            return None, f"the contents of {changed[0] if changed else 'its input files'} changed since it was taken"
+        return info, ""
 
     def resume(self, accelerator) -> tuple[int, int, int]:
-        """(step, epoch, batches done in that epoch) of the latest matching checkpoint, whose state is
-        restored; (0, 0, 0) without one."""
-        path = self.latest()
+        """(step, epoch, batches done in that epoch) of the latest checkpoint this run may resume, whose state
+        is restored; (0, 0, 0) without one. Checkpoints it may not resume are removed, and the newest of them
+        is named in the log with the reason."""
+        dirs = sorted(self.root.glob("step-*"), key=_step_of) if self.root.exists() else []
+        if dirs or self.saving:
+            self.inputs  # noqa: B018 - hashed once, as the run starts
+        verdicts = [(d, *self._verdict(d)) for d in dirs]
+        usable = [(d, info) for d, info, _ in verdicts if info is not None]
+        path, info = usable[-1] if usable else (None, None)
+        refused = [(d, why) for d, found, why in verdicts if found is None]
+        if refused and (path is None or _step_of(refused[-1][0]) > _step_of(path)):  # one line: the newest refused
+            then = f"resuming {path.name} instead" if path is not None else "starting fresh"
+            accelerator.print(f"not resuming from {refused[-1][0]}: {refused[-1][1]}; {then}")
+        accelerator.wait_for_everyone()  # every process has judged them before any is removed
+        if accelerator.is_main_process:
+            for d, found, _ in verdicts:
+                if found is None:
+                    shutil.rmtree(d, ignore_errors=True)
         if path is None:
             return 0, 0, 0
         accelerator.load_state(str(path))
-        info = json.loads((path / STATE_FILE).read_text())
         accelerator.print(f"resuming from {path} at step {info['step']}")
+        self.last_step = info["step"]
         return info["step"], info["epoch"], info["batches_done"]
 
     def save(self, accelerator, step: int, epoch: int, batches_done: int) -> None:
+        """Checkpoint ``step`` (all processes take part); its state file is written last, atomically, and the
+        oldest checkpoints beyond ``keep`` are removed."""
         path = self.root / f"step-{step:07d}"
         accelerator.save_state(str(path))
+        accelerator.wait_for_everyone()  # every process's part is written before the state file lists it
         if accelerator.is_main_process:
+            files = {
+                f.relative_to(path).as_posix(): f.stat().st_size
+                for f in sorted(path.rglob("*"))
+                if f.is_file() and f.name != STATE_FILE
+            }
             state = {"step": step, "epoch": epoch, "batches_done": batches_done, "fingerprint": self.fingerprint}
-            (path / STATE_FILE).write_text(json.dumps(state))
-            old = sorted(self.root.glob("step-*"))[: -self.keep] if self.keep > 0 else []
+            write_json(path / STATE_FILE, {**state, "inputs": self.inputs, "files": files})  # temp file + rename
+            old = sorted(self.root.glob("step-*"), key=_step_of)[: -self.keep] if self.keep > 0 else []
             for d in old:
                 shutil.rmtree(d, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self.last_step = step
+
+    def finish(self, accelerator, keep_final: bool) -> None:
+        """After the final model is saved: remove the checkpoints (optimizer state), all of them or, with
+        ``keep_final``, all but the one of the final step."""
+        if accelerator.is_main_process:
+            for d in self.root.glob("step-*"):
+                if not (keep_final and _step_of(d) == self.last_step):
+                    shutil.rmtree(d, ignore_errors=True)
 
 
 class MetricsLog:
@@ -207,15 +296,46 @@ def _epoch_batches(accelerator, table: PairTable, stage: Stage, s: TrainSettings
     return accelerator.skip_first_batches(loader, skip) if skip else loader
 
 
-def _backward_and_step(accelerator, model, optimizer, scheduler, loss, max_grad_norm: float) -> None:
-    """Backward; on the micro-batch that ends an accumulation, clip and step (accelerate skips the rest)."""
+def _watches_grad_norm(accelerator) -> bool:
+    """Whether a NaN or infinite gradient norm means a broken run: not under fp16 loss scaling, whose
+    overflows only skip a step, nor under DeepSpeed or FSDP, which keep the norm themselves."""
+    from accelerate.utils import DistributedType
+
+    kept_elsewhere = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
+    return accelerator.mixed_precision != "fp16" and accelerator.distributed_type not in kept_elsewhere
+
+
+def _backward_and_step(accelerator, model, optimizer, scheduler, loss, max_grad_norm: float):
+    """Backward; on the micro-batch that ends an accumulation, clip and step (accelerate skips the rest).
+    Returns the gradient norm of a step that ends an accumulation where it is known, else None."""
     accelerator.backward(loss)
+    norm = None
     if accelerator.sync_gradients and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    elif accelerator.sync_gradients and _watches_grad_norm(accelerator):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
     optimizer.step()
     if accelerator.sync_gradients:
         scheduler.step()
     optimizer.zero_grad()
+    return norm
+
+
+def _check_finite(accelerator, s: TrainSettings, step: int, window: list[dict], norm) -> None:
+    """Stop the stage, on every process at once, when a loss since the last log row or this step's gradient
+    norm is NaN or infinite (before this step is logged or saved)."""
+    bad_loss = any(not math.isfinite(m["loss"]) for m in window)
+    bad_norm = norm is not None and _watches_grad_norm(accelerator) and not math.isfinite(float(norm))
+    flags = accelerator.reduce(torch.tensor([float(bad_loss), float(bad_norm)], device=accelerator.device), "sum")
+    if float(flags.sum()) > 0:
+        what = "loss" if float(flags[0]) > 0 else "gradient norm"
+        raise PrefkdError(
+            f"the {s.stage} stage writing {s.out} stopped at optimizer step {step} because its {what} is NaN or "
+            "infinite, before anything of that step was saved; check its input shards (weights, reference "
+            "log-probs) and its learning rate."
+        )
 
 
 def _write_rank_audit(ckpt_dir: Path, accelerator, model, pairs_seen: list[int]) -> None:
@@ -254,7 +374,8 @@ def _save(accelerator, model, tokenizer, s: TrainSettings, final: dict, metrics_
 
 
 def train(s: TrainSettings) -> dict:
-    """Run one training stage; returns the final metrics. Resumes from a matching checkpoint."""
+    """Run one training stage; returns the final metrics. Resumes from the checkpoint of the same settings
+    and input contents, if any; a finished stage keeps no checkpoint unless ``keep_final_checkpoint``."""
     from tqdm.auto import tqdm
 
     # -- setup: processes and seed, the model, its data and schedule, the stage kind, the optimizer
@@ -273,8 +394,9 @@ def train(s: TrainSettings) -> dict:
     optimizer, scheduler = _optimizer(s, model, stage.trainable(), warmup, total_steps)
     model, optimizer, scheduler = _prepare(accelerator, s, model, optimizer, scheduler)
 
-    # -- resume: the latest checkpoint of these settings, and the log up to it
-    checkpoints = Checkpoints(ckpt_dir, s.fingerprint(), s.keep_checkpoints)
+    # -- resume: the latest checkpoint of these settings and input contents, and the log up to it
+    saving = bool(s.save_every or s.keep_final_checkpoint)
+    checkpoints = Checkpoints(ckpt_dir, s.fingerprint(), input_files(s), s.keep_checkpoints, saving)
     step, epoch, batches_done = checkpoints.resume(accelerator)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(ckpt_dir / "metrics.jsonl", accelerator, step)
@@ -292,13 +414,14 @@ def train(s: TrainSettings) -> dict:
         for batch in _epoch_batches(accelerator, table, stage, s, epoch, batches_done):
             with accelerator.accumulate(model):
                 loss, metrics = stage.loss(model, batch)  # scalar, {name: float}
-                _backward_and_step(accelerator, model, optimizer, scheduler, loss, s.max_grad_norm)
+                norm = _backward_and_step(accelerator, model, optimizer, scheduler, loss, s.max_grad_norm)
             seen += 1
             pairs_seen.extend(int(p) for p in batch["pair_id"].tolist())
             window.append(metrics)
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            _check_finite(accelerator, s, step, window, norm)  # NaN / inf: stop before this step is saved
             bar.update(1)
             if step % s.log_every == 0 or step == total_steps:
                 row = log.write(
@@ -316,14 +439,17 @@ def train(s: TrainSettings) -> dict:
     if stopped:
         accelerator.print(f"stopped after step {step} as asked (--stop-after); rerun to resume")
         return {"step": step, "interrupted": True}
+    if s.keep_final_checkpoint and checkpoints.last_step != step:  # the finished stage's state, as asked
+        checkpoints.save(accelerator, step, epoch, batches_done)
 
-    # -- save: the rank audit, the held-out evaluation, the model and its summary
+    # -- save: the rank audit, the held-out evaluation, the model and its summary; then drop the checkpoints
     _write_rank_audit(ckpt_dir, accelerator, model, pairs_seen)
     accelerator.wait_for_everyone()
     final = {"step": step, "epochs": s.epochs, "pairs": len(table), "world": world}
     final["seconds"] = round(time.time() - started, 2)
     final.update(_held_out_eval(accelerator, model, s, stage.pad_id))
     _save(accelerator, model, tokenizer, s, final, log.path)
+    checkpoints.finish(accelerator, s.keep_final_checkpoint)
     return final
 
 

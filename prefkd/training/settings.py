@@ -18,7 +18,15 @@ STAGES = ("sft", "preference", "kd")
 KD_NAMES = ("dskd", "uld", "mined", "cdm")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # settings that do not change what is trained: a checkpoint taken under other values still resumes
-NOT_FINGERPRINTED = ("out", "checkpoint_dir", "stop_after", "log_every", "save_every", "keep_checkpoints")
+NOT_FINGERPRINTED = (
+    "out",
+    "checkpoint_dir",
+    "stop_after",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "keep_final_checkpoint",
+)
 
 
 @dataclass
@@ -46,8 +54,13 @@ class TrainSettings:
         False, "recompute activations in backward", config="train.gradient_checkpointing"
     )
     checkpoint_dir: str | None = setting(None, "resumable checkpoints and the log (default: <out>.checkpoints)")
-    save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end)", config="train.save_every")
-    keep_checkpoints: int = setting(1, "checkpoints kept (0: all)")
+    save_every: int = setting(
+        0, "optimizer steps between resumable checkpoints (0: none while the stage runs)", config="train.save_every"
+    )
+    keep_checkpoints: int = setting(1, "checkpoints kept while the stage runs (0: all)")
+    keep_final_checkpoint: bool = setting(
+        False, "keep a checkpoint (optimizer state included) of the finished stage; else its checkpoints are removed"
+    )
     log_every: int = setting(1, "optimizer steps per metrics.jsonl row")
     stop_after: int = setting(0, "stop (as if interrupted) after this many optimizer steps; for resume tests")
     eval_tokens: list[str] = setting([], "held-out token shards for the final preference accuracy")
@@ -61,7 +74,7 @@ class TrainSettings:
     temperature: float = setting(2.0, "KD temperature")
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed."""
+        """The settings that must match for a checkpoint to be resumed (the engine adds its inputs' contents)."""
         keep = {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

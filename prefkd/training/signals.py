@@ -27,14 +27,13 @@ import torch
 
 from prefkd.assets.models import load_model
 from prefkd.assets.tokenizers import load_tokenizer, pad_id
-from prefkd.core.layout import ROLES, SIDES
+from prefkd.core.layout import SIDES
 from prefkd.core.logprobs import model_token_logps, span_logps
-from prefkd.core.settings import setting
 from prefkd.core.weights import WEIGHT_BINS, WeightSpec, transform_weights
 from prefkd.data.batches import collate_pairs
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
-from prefkd.io.shards import read_shard, shard_stats, write_shard
+from prefkd.io.shards import make_provenance, read_shard, shard_stats, write_shard
 from prefkd.training.settings import SignalSettings, WeightsStatsSettings
 
 
@@ -186,6 +185,25 @@ def compute_signals(
     return pa.table(columns), _weight_stats(rows, results, unit)
 
 
+SIGNAL_COLUMNS = tuple(f"{side}_{name}" for side in SIDES for name in ("weights", "ref_logps", "delta"))
+
+
+def check_finite(signals: pa.Table, out: Path) -> None:
+    """Stop before ``out`` is written when a weight, delta or reference log-prob is NaN or infinite."""
+    for name in SIGNAL_COLUMNS:
+        column = signals.column(name).combine_chunks()  # list<float32>, one list per row
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+            row = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+            pair_id = signals.column("pair_id")[row].as_py()
+            raise PrefkdError(
+                f"signals for {out} are not finite: column {name!r} holds {values[bad[0]]} at pair_id {pair_id}"
+                " (one of its models gives NaN or infinite log-probs), so nothing was written."
+            )
+
+
 def run_shard(
     tokens: Path,
     out: Path,
@@ -225,8 +243,16 @@ def run_shard(
         b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode(),
     }
     signals = signals.replace_schema_metadata(meta)
+    check_finite(signals, out)
     stats.update(unit=unit, role=roles["ref"], roles=roles, spec=asdict(spec))
-    write_shard(signals, out, kind="signals", stats=stats)
+    models = {
+        f"{name}_model_config": Path(path) / "config.json"
+        for name, path in (("ref", reference), ("pos", pos), ("neg", neg))
+        if path
+    }
+    inputs = {"tokens": tokens, **{k: v for k, v in models.items() if v.is_file()}}
+    settings = dict(unit=unit, roles=roles, spec=asdict(spec), batch_size=batch_size)
+    write_shard(signals, out, kind="signals", stats=stats, provenance=make_provenance(out, settings, inputs))
     return stats
 
 

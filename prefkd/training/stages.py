@@ -25,7 +25,6 @@ from prefkd.training.kd import KDSide, build_kd, kd_mix
 from prefkd.training.settings import STAGES
 
 
-
 def response_view(model, view: dict) -> KDSide:
     """A KD view of the responses only: the LM head runs on the last prompt position
     and the response positions (the prompt's vocabulary projection is never needed).

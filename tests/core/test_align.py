@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from prefkd.assets.tokenizers import special_token_strings
 from prefkd.core import align as A
 from prefkd.data.spans import align_texts, check_spans
 from prefkd.data.tokenize_align import ModelTokens
-from prefkd.assets.tokenizers import special_token_strings
 
 
 def make_vocab(pieces: list[bytes], prefix_space: bool = False) -> A.ByteVocab:
@@ -224,7 +224,19 @@ def test_battery_invariants(models, text):
     teacher, student = models
     (spans,) = align_texts([text], teacher, student)
     assert spans.ok
-    assert check_spans(text.encode(), spans.teacher_ids, spans.teacher_span, spans.student_ids, spans.student_span, spans.span_ends, teacher.vocab, student.vocab) == []
+    assert (
+        check_spans(
+            text.encode(),
+            spans.teacher_ids,
+            spans.teacher_span,
+            spans.student_ids,
+            spans.student_span,
+            spans.span_ends,
+            teacher.vocab,
+            student.vocab,
+        )
+        == []
+    )
 
 
 def test_known_alignment_of_a_sentence(models):
@@ -253,7 +265,16 @@ def test_random_unicode_invariants(models, text):
     assume(not any(s in text for s in specials))
     (spans,) = align_texts([text], teacher, student)
     assert spans.ok, "tokens must decode to exactly the text bytes"
-    problems = check_spans(text.encode(), spans.teacher_ids, spans.teacher_span, spans.student_ids, spans.student_span, spans.span_ends, teacher.vocab, student.vocab)
+    problems = check_spans(
+        text.encode(),
+        spans.teacher_ids,
+        spans.teacher_span,
+        spans.student_ids,
+        spans.student_span,
+        spans.span_ends,
+        teacher.vocab,
+        student.vocab,
+    )
     assert problems == []
     # each response token is in exactly one span and no span is empty on either side
     m = len(spans.span_ends)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from prefkd.data.batches import collate_pairs, collate_sft
 from prefkd.core.logprobs import model_token_logps, sft_loss, span_logps, token_logps
 from prefkd.core.preference import PairUnits, preference_loss
+from prefkd.data.batches import collate_pairs, collate_sft
 
 BETA = 0.1
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -82,7 +82,9 @@ def preference_from_batch(policy, ref, batch: dict, beta: float = BETA):
     m = batch["unit_mask"].shape[1]
     units = span_logps(model_token_logps(policy, batch["input_ids"], batch["attention_mask"]), batch["unit_ids"], m)
     with torch.no_grad():
-        ref_units = span_logps(model_token_logps(ref, batch["input_ids"], batch["attention_mask"]), batch["unit_ids"], m)
+        ref_units = span_logps(
+            model_token_logps(ref, batch["input_ids"], batch["attention_mask"]), batch["unit_ids"], m
+        )
     mask = batch["unit_mask"]
     return preference_loss(PairUnits(units, ref_units, torch.ones_like(mask), mask), beta)
 
@@ -161,7 +163,10 @@ def test_model_token_logps_equals_naive(small_models, arch, chunk):
     w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(5)) * mask
     w[:, 0] = 0
     grads = []
-    for fn in (lambda: model_token_logps(model, ids, mask, chunk=chunk), lambda: naive_model_token_logps(model, ids, mask)):
+    for fn in (
+        lambda: model_token_logps(model, ids, mask, chunk=chunk),
+        lambda: naive_model_token_logps(model, ids, mask),
+    ):
         model.zero_grad(set_to_none=True)
         lp = fn()
         assert lp.requires_grad
@@ -217,7 +222,9 @@ def test_chunked_head_keeps_no_full_logits_for_backward():
 
 
 def test_span_logps_hand_example():
-    token_lp = torch.tensor([[0.0, -1.0, -2.0, -3.0, -4.0, -5.0], [0.0, -0.5, -0.25, -8.0, -9.0, -7.0]], requires_grad=True)
+    token_lp = torch.tensor(
+        [[0.0, -1.0, -2.0, -3.0, -4.0, -5.0], [0.0, -0.5, -0.25, -8.0, -9.0, -7.0]], requires_grad=True
+    )
     unit_ids = torch.tensor([[-1, 0, 0, 1, -1, 3], [-1, -1, 1, 0, 1, -1]])
     out = span_logps(token_lp, unit_ids, 4)
     expected = torch.tensor([[-3.0, -3.0, 0.0, -5.0], [-8.0, -9.25, 0.0, 0.0]])
@@ -256,7 +263,11 @@ def test_dpo_equals_trl(tmp_path, monkeypatch, teacher_tokenizer, mistral_32k):
     ref, policy = copy.deepcopy(mistral_32k[0]), copy.deepcopy(mistral_32k[1])  # TRL patches forward in place
     policy.zero_grad(set_to_none=True)
     data = [
-        {"prompt": "What is the capital of France?", "chosen": " Paris is the capital.", "rejected": " London, I think, or maybe Berlin."},
+        {
+            "prompt": "What is the capital of France?",
+            "chosen": " Paris is the capital.",
+            "rejected": " London, I think, or maybe Berlin.",
+        },
         {"prompt": "Say hi", "chosen": " Hi there!", "rejected": " No."},
     ]
     args = DPOConfig(
@@ -270,7 +281,13 @@ def test_dpo_equals_trl(tmp_path, monkeypatch, teacher_tokenizer, mistral_32k):
         max_length=None,
         dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(data), processing_class=teacher_tokenizer)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=teacher_tokenizer,
+    )
     assert trainer.loss_types == ["sigmoid"] and not trainer.precompute_ref_logps
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
@@ -316,7 +333,9 @@ def teacher_tokens(teacher_tokenizer):
 
 
 @pytest.mark.parametrize("max_length", [512, 72])
-def test_span_loss_equals_token_loss_with_identical_tokenizers(teacher_tokenizer, teacher_tokens, mistral_32k, max_length):
+def test_span_loss_equals_token_loss_with_identical_tokenizers(
+    teacher_tokenizer, teacher_tokens, mistral_32k, max_length
+):
     from prefkd.data.demo import generate_demo_pairs
     from prefkd.data.tokenize_align import tokenize_pairs
 
@@ -330,7 +349,11 @@ def test_span_loss_equals_token_loss_with_identical_tokenizers(teacher_tokenizer
     assert (truncated == 0) if max_length == 512 else (truncated > 0)
     for row in rows:  # identical tokenizers: every aligned span is a single token
         for side in ("chosen", "rejected"):
-            n_resp = len(row[f"student_{side}_input_ids"]) - row["student_prompt_len"] - (0 if row[f"{side}_truncated"] else 1)
+            n_resp = (
+                len(row[f"student_{side}_input_ids"])
+                - row["student_prompt_len"]
+                - (0 if row[f"{side}_truncated"] else 1)
+            )
             assert row[f"{side}_num_spans"] == n_resp
     pad = teacher_tokenizer.eos_token_id
     span_batch = collate_pairs(rows, "student", "span", pad)
@@ -412,7 +435,14 @@ def test_sft_loss_on_collated_batch_equals_hf_loss(small_models):
 def test_models_with_scaled_logits_fall_back_to_full_logits(arch):
     import transformers
 
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    tiny = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     if arch == "granite":
         cfg, cls = transformers.GraniteConfig(logits_scaling=8.0, **tiny), transformers.GraniteForCausalLM
     else:

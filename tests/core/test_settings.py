@@ -94,5 +94,8 @@ def test_stage_sections_name_only_train_settings():
     """sft.<role>, contrastive.<direction> and their keys are passed by name to TrainSettings."""
     schema = load_schema()
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
-    for section in (schema["properties"]["sft"]["properties"]["teacher"], schema["properties"]["contrastive"]["properties"]["pos"]):
+    for section in (
+        schema["properties"]["sft"]["properties"]["teacher"],
+        schema["properties"]["contrastive"]["properties"]["pos"],
+    ):
         assert set(section["properties"]) - {"enabled"} <= fields

@@ -103,8 +103,8 @@ def test_non_ascii_share(pairs):
     # Sometimes inside the planted range.
     inside = 0
     for p in pairs:
-        (s, e), = p["chosen_planted"]
-        (rs, re_), = p["rejected_planted"]
+        ((s, e),) = p["chosen_planted"]
+        ((rs, re_),) = p["rejected_planted"]
         if _non_ascii(p["chosen"].encode()[s:e].decode()) or _non_ascii(p["rejected"].encode()[rs:re_].decode()):
             inside += 1
     assert inside >= 0.02 * len(pairs)
@@ -136,10 +136,10 @@ def test_learnable_cues(pairs):
     rude_starts = {s.split()[0] for s in demo_data.RUDE + demo_data.RUDE_FANCY}
     for p in pairs:
         if p["family"] == "politeness":
-            (s, e), = p["rejected_planted"]
+            ((s, e),) = p["rejected_planted"]
             assert p["rejected"].encode()[s:e].decode().split()[0] in rude_starts
         if p["family"] == "arithmetic":
-            (s, e), = p["chosen_planted"]
+            ((s, e),) = p["chosen_planted"]
             clause = p["chosen"].encode()[s:e].decode()
             lhs, rhs = clause.split(" = ")
             a, op, b = lhs.split()

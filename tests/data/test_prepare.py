@@ -17,7 +17,6 @@ import pytest
 from prefkd.core.settings import add_options, from_args
 from prefkd.data import prepare
 from prefkd.data.demo import generate_demo_pairs, write_demo_pairs
-from prefkd.errors import PrefkdError
 from prefkd.data.prepare import (
     DROP_REASONS,
     load_source,
@@ -27,6 +26,7 @@ from prefkd.data.prepare import (
     split_records,
     split_sizes,
 )
+from prefkd.errors import PrefkdError
 
 PROJECT = Path(__file__).resolve().parents[2]
 HH_FILE = Path(__file__).resolve().parents[3] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
@@ -78,8 +78,12 @@ MESSAGES_ROWS = [
     },
     {
         "prompt": "Q2",
-        "chosen": msgs(("system", "Be nice."), ("user", "Q2"), ("assistant", "A"), ("user", "more"), ("assistant", "Good")),
-        "rejected": msgs(("system", "Be nice."), ("user", "Q2"), ("assistant", "A"), ("user", "more"), ("assistant", "Bad")),
+        "chosen": msgs(
+            ("system", "Be nice."), ("user", "Q2"), ("assistant", "A"), ("user", "more"), ("assistant", "Good")
+        ),
+        "rejected": msgs(
+            ("system", "Be nice."), ("user", "Q2"), ("assistant", "A"), ("user", "more"), ("assistant", "Bad")
+        ),
     },
     {  # prompt prefixes differ
         "prompt": "x",
@@ -182,11 +186,21 @@ def test_json_wrapped_and_columnar(tmp_path):
 def test_hh_shape(tmp_path):
     rows = [
         {
-            "chosen": hh(("Human", "Hi"), ("Assistant", "Hello."), ("Human", "Tell me a joke.\n"), ("Assistant", "Why did the chicken cross the road?")),
-            "rejected": hh(("Human", "Hi"), ("Assistant", "Hello."), ("Human", "Tell me a joke.\n"), ("Assistant", "No.")),
+            "chosen": hh(
+                ("Human", "Hi"),
+                ("Assistant", "Hello."),
+                ("Human", "Tell me a joke.\n"),
+                ("Assistant", "Why did the chicken cross the road?"),
+            ),
+            "rejected": hh(
+                ("Human", "Hi"), ("Assistant", "Hello."), ("Human", "Tell me a joke.\n"), ("Assistant", "No.")
+            ),
         },
         {"chosen": "no markers at all", "rejected": hh(("Human", "a"), ("Assistant", "b"))},
-        {"chosen": hh(("Human", "a"), ("Assistant", "b"), ("Human", "c")), "rejected": hh(("Human", "a"), ("Assistant", "d"))},
+        {
+            "chosen": hh(("Human", "a"), ("Assistant", "b"), ("Human", "c")),
+            "rejected": hh(("Human", "a"), ("Assistant", "d")),
+        },
         {"chosen": hh(("Human", "a"), ("Assistant", "b")), "rejected": hh(("Human", "different"), ("Assistant", "d"))},
         {"chosen": hh(("Human", "a"), ("Assistant", "")), "rejected": hh(("Human", "a"), ("Assistant", "d"))},
         {"chosen": hh(("Human", "a"), ("Assistant", "same ")), "rejected": hh(("Human", "a"), ("Assistant", "same"))},
@@ -212,7 +226,9 @@ def test_hh_shape(tmp_path):
 def test_parse_hh_details():
     prompt, resp = parse_hh("Human: hi\n\nAssistant:  hello  \n")
     assert prompt == msgs(("user", "hi")) and resp == "hello"
-    prompt, resp = parse_hh(hh(("Human", "q"), ("Assistant", "a"), ("Assistant", "b"), ("Human", "q2"), ("Assistant", "r")))
+    prompt, resp = parse_hh(
+        hh(("Human", "q"), ("Assistant", "a"), ("Assistant", "b"), ("Human", "q2"), ("Assistant", "r"))
+    )
     assert [m["role"] for m in prompt] == ["user", "assistant", "assistant", "user"] and resp == "r"
 
 
@@ -226,7 +242,7 @@ def test_every_drop_reason_pairs(tmp_path):
         {"prompt": "ok", "chosen": "good", "rejected": "bad"},  # 0 kept
         {"prompt": None, "chosen": "a", "rejected": "b"},  # 1 missing_field
         {"prompt": "q", "rejected": "b"},  # 2 missing_field (absent)
-        "{this is not json",  # 3 missing_field (corrupt line)
+        "{this is not json",  # 3 malformed_json (corrupt line)
         {"prompt": "q", "chosen": "   \n", "rejected": "b"},  # 4 empty_response
         {"prompt": "q", "chosen": "", "rejected": "b"},  # 5 empty_response
         {"prompt": "q", "chosen": "same", "rejected": "same"},  # 6 identical_responses
@@ -244,15 +260,20 @@ def test_every_drop_reason_pairs(tmp_path):
     records, drops, examples, _ = normalise_rows(rows, fmt, special_tokens=["<|endoftext|>", "<s>", ""])
     assert [r["pair_id"] for r in records] == [0, 13]
     assert dict(drops) == {
-        "missing_field": 4,
+        "invalid_utf8": 0,
+        "malformed_json": 1,
+        "missing_field": 3,
         "unparseable_transcript": 1,
         "prompt_mismatch": 0,
+        "lone_surrogate": 0,
         "empty_prompt": 2,
         "empty_response": 2,
         "identical_responses": 1,
         "special_token_in_text": 2,
+        "duplicate_pair": 0,
     }
-    assert examples["missing_field"] == [1, 2, 3, 12]
+    assert examples["missing_field"] == [1, 2, 12]
+    assert examples["malformed_json"] == [3]
     assert examples["special_token_in_text"] == [7, 8]
     assert examples["prompt_mismatch"] == []
     assert sum(drops.values()) + len(records) == len(rows)
@@ -271,9 +292,15 @@ def test_examples_capped_at_five():
 
 
 def test_non_dict_rows_never_crash():
-    rows = [None, 3, "text", ["a"], {"prompt": {"x": 1}, "chosen": "a", "rejected": "b"},
-            {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
-            {"prompt": [{"role": "user", "content": 7}], "chosen": "a", "rejected": "b"}]
+    rows = [
+        None,
+        3,
+        "text",
+        ["a"],
+        {"prompt": {"x": 1}, "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": 7}], "chosen": "a", "rejected": "b"},
+    ]
     for fmt in ("pairs", "messages", "hh"):
         records, drops, _, _ = normalise_rows(rows, fmt)
         assert records == [] and sum(drops.values()) == len(rows)
@@ -354,9 +381,15 @@ def test_hf_id_unloadable_offline(tmp_path):
         "    print('ERR:' + str(e))\n"
     )
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               PYTHONPATH=str(PROJECT) + os.pathsep + env.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        PYTHONPATH=str(PROJECT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     msg = out.stdout.strip()
     assert msg.startswith("ERR:"), out.stdout + out.stderr
@@ -371,7 +404,8 @@ def test_hf_id_unloadable_offline(tmp_path):
 
 
 def _records(n):
-    return [{"pair_id": i * 3 + 1, "prompt": [], "chosen": "a", "rejected": "b"} for i in range(n)]
+    # distinct prompts: the split keeps rows with one prompt together
+    return [{"pair_id": i * 3 + 1, "prompt": msgs(("user", f"q{i}")), "chosen": "a", "rejected": "b"} for i in range(n)]
 
 
 def test_split_determinism_disjoint_sizes():
@@ -427,12 +461,20 @@ def test_run_prepare_outputs_deterministic(tmp_path):
     assert r1 == {**r2, "source": r1["source"]}
     for name in ("train.parquet", "valid.parquet", "test.parquet"):
         assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
-    assert sorted(os.listdir(tmp_path / "o1")) == ["filter_report.json", "test.parquet", "train.parquet", "valid.parquet"]
+    assert sorted(os.listdir(tmp_path / "o1")) == [
+        "filter_report.json",
+        "test.parquet",
+        "train.parquet",
+        "valid.parquet",
+    ]
     report = json.loads((tmp_path / "o1" / "filter_report.json").read_text())
     assert report == r1
-    assert report["format"] == "pairs" and report["rows_in"] == 200 and report["kept"] == 200
+    # the 200 demo pairs of seed 5 hold 5 exact duplicates (the demo draws from small pools)
+    assert report["format"] == "pairs" and report["rows_in"] == 200 and report["kept"] == 195
+    assert report["dropped"]["duplicate_pair"] == 5 and sum(report["dropped"].values()) == 5
     assert set(report["dropped"]) == set(DROP_REASONS) and set(report["examples"]) == set(DROP_REASONS)
-    assert report["splits"] == {"train": 140, "valid": 20, "test": 40}
+    assert report["splits"] == {"train": 136, "valid": 20, "test": 39}
+    assert report["example_lines"]["duplicate_pair"] == [i + 1 for i in report["examples"]["duplicate_pair"]]
 
     table = pq.read_table(tmp_path / "o1" / "train.parquet")
     schema = table.schema
@@ -450,9 +492,14 @@ def test_run_prepare_outputs_deterministic(tmp_path):
         assert row["rejected_planted"] == src_row["rejected_planted"]
         assert row["family"] == src_row["family"]
     all_ids = sorted(
-        i for n in ("train", "valid", "test") for i in pq.read_table(tmp_path / "o1" / f"{n}.parquet")["pair_id"].to_pylist()
+        i
+        for n in ("train", "valid", "test")
+        for i in pq.read_table(tmp_path / "o1" / f"{n}.parquet")["pair_id"].to_pylist()
     )
-    assert all_ids == list(range(200))
+    first_copies = {}
+    for i, pair in enumerate(source):
+        first_copies.setdefault(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]]), i)
+    assert all_ids == sorted(first_copies.values())
 
 
 def test_run_prepare_without_pass_through_and_empty_split(tmp_path):
@@ -465,8 +512,13 @@ def test_run_prepare_without_pass_through_and_empty_split(tmp_path):
 
 
 def test_run_prepare_nothing_survives(tmp_path):
-    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "", "rejected": "x"}])
-    with pytest.raises(PrefkdError, match=r"identical_responses=1, empty_response=1|empty_response=1, identical_responses=1"):
+    src = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "q", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "", "rejected": "x"}],
+    )
+    with pytest.raises(
+        PrefkdError, match=r"identical_responses=1, empty_response=1|empty_response=1, identical_responses=1"
+    ):
         run_prepare(src, tmp_path / "out")
     assert not (tmp_path / "out" / "filter_report.json").exists()
 
@@ -492,8 +544,22 @@ def test_cli_with_tokenizer(tmp_path, capsys):
     src = write_jsonl(tmp_path / "p.jsonl", rows)
     parser = argparse.ArgumentParser()
     add_options(parser, prepare.PrepareSettings)
-    args = parser.parse_args(["--source", str(src), "--out-dir", str(tmp_path / "out"), "--tokenizer", str(tok_dir),
-                              "--valid-fraction", "0", "--test-fraction", "0", "--seed", "4"])
+    args = parser.parse_args(
+        [
+            "--source",
+            str(src),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            str(tok_dir),
+            "--valid-fraction",
+            "0",
+            "--test-fraction",
+            "0",
+            "--seed",
+            "4",
+        ]
+    )
     assert prepare.run(from_args(prepare.PrepareSettings, args)) == 0
     report = json.loads((tmp_path / "out" / "filter_report.json").read_text())
     assert report["dropped"]["special_token_in_text"] == 2
@@ -501,7 +567,9 @@ def test_cli_with_tokenizer(tmp_path, capsys):
     assert report["splits"] == {"train": 2, "valid": 0, "test": 0}
     defaults = parser.parse_args(["--source", "s", "--out-dir", "o"])
     assert (defaults.format, defaults.valid_fraction, defaults.test_fraction, defaults.seed) == ("auto", 0.05, 0.1, 1)
-    assert defaults.tokenizer == [] and defaults.max_pairs is None and defaults.hf_split == "train"
+    # list options default to None in argparse; from_args fills in the field default
+    assert from_args(prepare.PrepareSettings, defaults).tokenizer == []
+    assert defaults.max_pairs is None and defaults.hf_split == "train"
     # the rule's form: one --tokenizer flag, both tokenizer dirs
     assert parser.parse_args(["--source", "s", "--out-dir", "o", "--tokenizer", "a", "b"]).tokenizer == ["a", "b"]
     with pytest.raises(PrefkdError, match="does not exist"):
@@ -593,3 +661,244 @@ def test_text_is_nfc_normalised_and_counted():
     assert records[0]["prompt"][0]["content"] == "caf\u00e9?"
     assert records[0]["chosen"] == "\u00c5 is \u00c5"
     assert sum(drops.values()) == 0
+
+
+# --------------------------------------------------------------------------------------
+# duplicates and the split by prompt
+# --------------------------------------------------------------------------------------
+
+
+def _prompt_key(prompt):
+    return tuple((m["role"], m["content"]) for m in prompt)
+
+
+def _split_rows(out: Path) -> dict[str, list[dict]]:
+    return {name: pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("train", "valid", "test")}
+
+
+def _assert_prompts_disjoint(splits: dict[str, list[dict]]) -> None:
+    keys = {name: {_prompt_key(r["prompt"]) for r in rows} for name, rows in splits.items()}
+    assert not keys["train"] & keys["valid"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["valid"] & keys["test"]
+    ids = [r["pair_id"] for rows in splits.values() for r in rows]
+    assert len(ids) == len(set(ids))
+
+
+def test_exact_duplicates_dropped_and_never_cross_splits(tmp_path):
+    base = [
+        {"prompt": f"Question number {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(100)
+    ]
+    src = write_jsonl(tmp_path / "dup.jsonl", base * 3)  # every pair three times
+    report = run_prepare(src, tmp_path / "out", valid_fraction=0.1, test_fraction=0.2)
+    assert report["rows_in"] == 300 and report["kept"] == 100
+    assert report["dropped"]["duplicate_pair"] == 200
+    assert report["examples"]["duplicate_pair"] == [100, 101, 102, 103, 104]
+    assert report["splits"] == {"train": 70, "valid": 10, "test": 20}
+    splits = _split_rows(tmp_path / "out")
+    _assert_prompts_disjoint(splits)
+    # the first copy of each pair is the one kept
+    assert sorted(r["pair_id"] for rows in splits.values() for r in rows) == list(range(100))
+    assert sum(report["prompt_groups"].values()) == 100
+
+
+def _near_duplicate_hh_rows():
+    rows = []
+    for i in range(40):
+        turns = [("Human", f"How do I do task {i}?")]
+        if i % 3 == 0:
+            turns += [("Assistant", "Which task?"), ("Human", f"Task {i}, please.")]
+        for j in range(1 + i % 5):  # the same prompt with up to five different response pairs
+            # surrounding whitespace differs between copies but normalises away
+            pad = " " * (j % 2)
+            first = [(turns[0][0], turns[0][1] + pad)] + turns[1:]
+            rows.append(
+                {
+                    "chosen": hh(*first, ("Assistant", f"Helpful answer {j} to task {i}.")),
+                    "rejected": hh(*first, ("Assistant", f"Unhelpful answer {j}.")),
+                }
+            )
+    return rows
+
+
+def test_near_duplicate_hh_prompts_stay_in_one_split(tmp_path):
+    rows = _near_duplicate_hh_rows()
+    n_unique = len(rows)
+    rows = rows + rows[:12]  # twelve exact duplicates on top
+    src = write_jsonl(tmp_path / "hh.jsonl", rows)
+    report = run_prepare(src, tmp_path / "out", valid_fraction=0.1, test_fraction=0.2, seed=1)
+    assert report["format"] == "hh"
+    assert report["dropped"]["duplicate_pair"] == 12 and report["kept"] == n_unique
+    assert report["examples"]["duplicate_pair"] == list(range(n_unique, n_unique + 5))
+    assert sum(report["prompt_groups"].values()) == 40
+    splits = _split_rows(tmp_path / "out")
+    _assert_prompts_disjoint(splits)
+    assert {k: len(v) for k, v in splits.items()} == report["splits"]
+    assert {k: len({_prompt_key(r["prompt"]) for r in v}) for k, v in splits.items()} == report["prompt_groups"]
+    # sizes follow the fractions as closely as groups (at most five pairs) allow
+    target = split_sizes(n_unique, 0.1, 0.2)
+    for name in ("valid", "test"):
+        assert abs(report["splits"][name] - target[name]) <= 2
+    # same input, same bytes
+    run_prepare(src, tmp_path / "again", valid_fraction=0.1, test_fraction=0.2, seed=1)
+    for name in ("train.parquet", "valid.parquet", "test.parquet", "filter_report.json"):
+        a, b = (tmp_path / "out" / name).read_bytes(), (tmp_path / "again" / name).read_bytes()
+        assert a == b
+
+
+def _group_records(sizes):
+    out, pid = [], 0
+    for g, size in enumerate(sizes):
+        for j in range(size):
+            out.append({"pair_id": pid, "prompt": msgs(("user", f"p{g}")), "chosen": f"a{j}", "rejected": "b"})
+            pid += 1
+    return out
+
+
+def test_split_records_groups_by_prompt():
+    sizes = [1 + (g * 7) % 6 for g in range(150)]
+    recs = _group_records(sizes)
+    a = split_records(recs, 0.05, 0.1, seed=1)
+    assert a == split_records(recs, 0.05, 0.1, seed=1)
+    assert a != split_records(recs, 0.05, 0.1, seed=2)
+    _assert_prompts_disjoint(a)
+    assert sum(len(v) for v in a.values()) == len(recs)
+    target = split_sizes(len(recs), 0.05, 0.1)
+    for name in ("valid", "test"):
+        assert abs(len(a[name]) - target[name]) <= max(sizes) // 2
+    for rows in a.values():
+        assert [r["pair_id"] for r in rows] == sorted(r["pair_id"] for r in rows)
+
+
+def test_split_records_unique_prompts_keep_the_old_permutation():
+    import numpy as np
+
+    recs = [{"pair_id": i * 2, "prompt": msgs(("user", f"q{i}")), "chosen": "a", "rejected": "b"} for i in range(97)]
+    got = split_records(recs, 0.05, 0.1, seed=7)
+    perm = np.random.default_rng(7).permutation(97).tolist()
+    sizes = split_sizes(97, 0.05, 0.1)
+    t, v = sizes["test"], sizes["valid"]
+    want = {"test": perm[:t], "valid": perm[t : t + v], "train": perm[t + v :]}
+    assert {k: [r["pair_id"] for r in rows] for k, rows in got.items()} == {
+        k: sorted(recs[i]["pair_id"] for i in idx) for k, idx in want.items()
+    }
+
+
+def test_split_records_train_never_empty():
+    # two groups that would both fit test and valid: train still gets one
+    recs = _group_records([4, 3])
+    got = split_records(recs, 0.43, 0.43, seed=1)
+    assert got["train"]
+    _assert_prompts_disjoint(got)
+    one = split_records(_group_records([10]), 0.0, 0.9, seed=1)
+    assert len(one["train"]) == 10 and not one["test"]
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason="the shared Anthropic HH file is not available")
+def test_real_hh_file_split_by_prompt(tmp_path):
+    rows = HH_FILE.read_bytes()
+    tripled = tmp_path / "hh3.jsonl.gz"
+    tripled.write_bytes(gzip.compress(gzip.decompress(rows) * 3))
+    report = run_prepare(tripled, tmp_path / "out", valid_fraction=0.05, test_fraction=0.1)
+    assert report["rows_in"] == 3 * 2312
+    assert report["kept"] == 2303 and report["dropped"]["duplicate_pair"] == 2 * 2303
+    splits = _split_rows(tmp_path / "out")
+    _assert_prompts_disjoint(splits)
+    where = {r["pair_id"]: name for name, rs in splits.items() for r in rs}
+    # the two prompts of the file that carry two different response pairs each
+    assert where[250] == where[1483] and where[1262] == where[1452]
+    assert sum(report["prompt_groups"].values()) == 2301
+    target = split_sizes(2303, 0.05, 0.1)
+    for name in ("valid", "test"):
+        assert abs(report["splits"][name] - target[name]) <= 1
+
+
+# --------------------------------------------------------------------------------------
+# bad bytes in JSON lines
+# --------------------------------------------------------------------------------------
+
+BAD_LINES = [
+    b'{"prompt": "q1", "chosen": "good", "rejected": "bad"}',  # line 1, row 0: kept
+    b'{"prompt": "caf\xe9 \xff", "chosen": "a", "rejected": "b"}',  # line 2, row 1: invalid_utf8 (latin-1 bytes)
+    b'{"prompt": "q3 \xe6\x9d\xb1", "chosen": "fine", "rejected": "worse"}',  # line 3, row 2: kept (valid UTF-8)
+    b"",  # line 4: blank, not a row
+    b'{"prompt": "q5", "chosen": "x\\ud800y", "rejected": "b"}',  # line 5, row 3: lone_surrogate
+    b'{"prompt": "q6", "chosen": "a", "rej',  # line 6, row 4: malformed_json (truncated)
+    b'{"prompt": "q7 \\ud83d\\ude00", "chosen": "c", "rejected": "d"}',  # line 7, row 5: kept (a valid pair)
+    b'{"prompt": "q8", "chosen": "c", "rejected": "d", "note": "\\udc00"}',  # line 8, row 6: kept (unused column)
+    b'{"prompt": "q9", "chosen": "c", "rejected": "\xed\xa0\x80"}',  # line 9, row 7: invalid_utf8 (encoded surrogate)
+    b'{"prompt": [{"role": "user", "content": "\\udfff"}], "chosen": "c", "rejected": "d"}',  # line 10, row 8
+    b'{"prompt": "q11", "chosen": "e", "rejected": "f"}',  # line 11, row 9: kept
+]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_bad_bytes_become_counted_drops_with_line_numbers(tmp_path, gz, newline):
+    data = newline.join(BAD_LINES) + newline
+    path = tmp_path / ("bad.jsonl.gz" if gz else "bad.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    report = run_prepare(path, tmp_path / "out", valid_fraction=0.0, test_fraction=0.0)
+    assert report["rows_in"] == 10 and report["kept"] == 5
+    dropped = {k: v for k, v in report["dropped"].items() if v}
+    assert dropped == {"invalid_utf8": 2, "lone_surrogate": 2, "malformed_json": 1}
+    assert report["examples"]["invalid_utf8"] == [1, 7]
+    assert report["example_lines"]["invalid_utf8"] == [2, 9]
+    assert report["examples"]["lone_surrogate"] == [3, 8]
+    assert report["example_lines"]["lone_surrogate"] == [5, 10]
+    assert report["examples"]["malformed_json"] == [4]
+    assert report["example_lines"]["malformed_json"] == [6]
+    saved = json.loads((tmp_path / "out" / "filter_report.json").read_text(encoding="utf-8"))
+    assert saved == report
+    train = pq.read_table(tmp_path / "out" / "train.parquet").to_pylist()
+    assert [r["pair_id"] for r in train] == [0, 2, 5, 6, 9]
+    assert train[1]["prompt"][0]["content"] == "q3 東"
+    assert train[2]["prompt"][0]["content"] == "q7 😀"
+
+
+def test_malformed_json_has_its_own_reason(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [PAIRS_ROWS[0], "{not json", "null", PAIRS_ROWS[1]])
+    rows, fmt = load_source(path)
+    records, drops, examples, _ = normalise_rows(rows, fmt)
+    assert [r["pair_id"] for r in records] == [0, 3]
+    assert drops["malformed_json"] == 1 and examples["malformed_json"] == [1]
+    assert drops["missing_field"] == 1 and examples["missing_field"] == [2]  # valid JSON, not an object
+
+
+def test_bad_bytes_in_json_files(tmp_path):
+    # a .json file that is really JSON lines: dropped line by line
+    lines = tmp_path / "lines.json"
+    lines.write_bytes(b"\n".join(BAD_LINES[:3]) + b"\n")
+    report = run_prepare(lines, tmp_path / "o1", valid_fraction=0.0, test_fraction=0.0)
+    assert report["dropped"]["invalid_utf8"] == 1 and report["example_lines"]["invalid_utf8"] == [2]
+    # a JSON document: a lone surrogate drops its row (no line numbers for a document)
+    doc = tmp_path / "doc.json"
+    doc.write_text(
+        json.dumps([PAIRS_ROWS[0], {"prompt": "q", "chosen": "\ud800", "rejected": "b"}, PAIRS_ROWS[1]]),
+        encoding="utf-8",
+    )
+    report = run_prepare(doc, tmp_path / "o2", valid_fraction=0.0, test_fraction=0.0)
+    assert report["dropped"]["lone_surrogate"] == 1 and report["examples"]["lone_surrogate"] == [1]
+    assert report["example_lines"] is None and report["kept"] == 2
+    # a JSON document with a byte that is not UTF-8 cannot be read row by row: one clear error with the line
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(
+        b'[\n{"prompt": "q", "chosen": "a", "rejected": "b"},\n{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n]\n'
+    )
+    with pytest.raises(PrefkdError, match=r"line 3"):
+        load_source(broken)
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in PAIRS_ROWS * 50))[:-30])
+    with pytest.raises(PrefkdError, match="cut.jsonl.gz"):
+        load_source(path)
+
+
+def test_lone_surrogate_escape_is_dropped_not_a_crash(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"\n".join([BAD_LINES[0], BAD_LINES[4], BAD_LINES[10]]) + b"\n")
+    report = run_prepare(path, tmp_path / "out", valid_fraction=0.0, test_fraction=0.0)
+    assert report["kept"] == 2 and report["dropped"]["lone_surrogate"] == 1
+    assert report["examples"]["lone_surrogate"] == [1] and report["example_lines"]["lone_surrogate"] == [2]

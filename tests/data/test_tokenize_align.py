@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from prefkd.assets.tokenizers import special_token_strings
 from prefkd.data.demo import generate_demo_pairs
-from prefkd.errors import PrefkdError
-from prefkd.io.shards import TOKEN_SCHEMA, read_shard, shard_stats, write_shard
 from prefkd.data.spans import check_shard_row
 from prefkd.data.tokenize_align import ModelTokens, merge_stats, tokenize_pairs
-from prefkd.assets.tokenizers import special_token_strings
+from prefkd.errors import PrefkdError
+from prefkd.io.shards import TOKEN_SCHEMA, read_shard, shard_stats, write_shard
 
 
 @pytest.fixture(scope="module")

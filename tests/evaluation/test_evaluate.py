@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from prefkd.assets.models import build_tiny_model, load_model
 from prefkd.data.demo import generate_demo_pairs
 from prefkd.errors import PrefkdError
-from prefkd.evaluation.preference import TIE_NATS, evaluate_preference, preference_summary
 from prefkd.evaluation.lmeval import (
     arithmetic_answer,
     check_task_extras,
@@ -30,12 +30,10 @@ from prefkd.evaluation.lmeval import (
     task_records,
     write_task_data,
 )
-from prefkd.assets.models import build_tiny_model, load_model
-from prefkd.io.shards import read_shard, write_shard
-from prefkd.training.signals import WeightSpec, run_shard
-from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+from prefkd.evaluation.preference import TIE_NATS, evaluate_preference, preference_summary
+from prefkd.io.shards import read_shard
 
-PAIRS = 24
+PAIRS = 16  # the shared session pairs (conftest.py)
 
 
 # ---------------------------------------------------------------------------
@@ -87,7 +85,11 @@ def test_task_records_put_the_chosen_response_at_the_label():
 def test_pick_metric_and_groups():
     entry = {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6, "acc_norm_stderr,none": 0.2, "alias": "x"}
     assert pick_metric(entry, "acc_norm") == (0.6, 0.2, "acc_norm,none")
-    gsm = {"exact_match,strict-match": 0.3, "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.4}
+    gsm = {
+        "exact_match,strict-match": 0.3,
+        "exact_match_stderr,strict-match": 0.01,
+        "exact_match,flexible-extract": 0.4,
+    }
     assert pick_metric(gsm, "exact_match,flexible-extract")[0] == 0.4
     assert pick_metric(gsm, "exact_match")[2] in ("exact_match,flexible-extract", "exact_match,strict-match")
     # sacrebleu metrics come on a 0-100 scale; scores are fractions
@@ -97,7 +99,9 @@ def test_pick_metric_and_groups():
         "groups": {"mmlu": {"acc,none": 0.45, "acc_stderr,none": 0.01}},
         "n-samples": {"arc_challenge": {"effective": 100, "original": 1172}},
     }
-    tasks = normalise_suite({"tasks": [{"task": "mmlu", "num_fewshot": 5, "label": "MMLU"}, {"task": "arc_challenge", "num_fewshot": 25}]})["tasks"]
+    tasks = normalise_suite(
+        {"tasks": [{"task": "mmlu", "num_fewshot": 5, "label": "MMLU"}, {"task": "arc_challenge", "num_fewshot": 25}]}
+    )["tasks"]
     scores = scores_from_results(results, tasks)
     assert scores["mmlu"]["value"] == 0.45 and scores["mmlu"]["label"] == "MMLU"  # the group's aggregate
     assert scores["arc_challenge"] == {"metric": "acc_norm,none", "value": 0.7, "stderr": None, "samples": 100,
@@ -108,7 +112,9 @@ def test_pick_metric_and_groups():
         normalise_suite({"tasks": []})
 
 
-@pytest.mark.skipif(importlib.util.find_spec("langdetect") is not None, reason="lm-eval's ifeval extra is installed here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("langdetect") is not None, reason="lm-eval's ifeval extra is installed here"
+)
 def test_a_missing_lm_eval_extra_names_the_extra(tmp_path, capsys):
     problems = missing_extras(["leaderboard_ifeval", "arc_challenge"])
     assert len(problems) == 1 and "pip install 'lm-eval[ifeval]'" in problems[0] and "langdetect" in problems[0]
@@ -118,7 +124,21 @@ def test_a_missing_lm_eval_extra_names_the_extra(tmp_path, capsys):
     from prefkd.cli import main
 
     suite = json.dumps({"tasks": [{"task": "leaderboard_ifeval"}]})
-    code = main(["lm-eval", "--model", str(tmp_path / "no-model"), "--name", "x", "--suite-name", "s", "--suite", suite, "--out", str(tmp_path / "o.json")])
+    code = main(
+        [
+            "lm-eval",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--name",
+            "x",
+            "--suite-name",
+            "s",
+            "--suite",
+            suite,
+            "--out",
+            str(tmp_path / "o.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "lm-eval[ifeval]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
@@ -130,19 +150,16 @@ def test_a_missing_lm_eval_extra_names_the_extra(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_tokenizer, student_tokenizer, teacher_tokenizer_dir, student_tokenizer_dir):
+def setup(tmp_path_factory, shared_pairs, shared_tokens, tiny_models, student_dpo_ref, student_tokenizer_dir):
+    """The shared session fixtures (conftest.py) plus a second student and the pairs as a test split."""
     root = tmp_path_factory.mktemp("evaluate")
-    pairs = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(PAIRS, seed=1))]
-    table, stats = tokenize_pairs(pairs, ModelTokens(teacher_tokenizer), ModelTokens(student_tokenizer), 96, 48)
-    tokens = root / "tokens.arrow"
-    write_shard(table, tokens, kind="tokens", stats=stats)
-    student, other = root / "student", root / "student-other"
-    build_tiny_model("qwen2", student_tokenizer_dir, student, seed=1, hidden_size=16, intermediate_size=32)
+    pairs, tokens, student, ref = shared_pairs, shared_tokens, tiny_models["student"], student_dpo_ref
+    other = root / "student-other"
     build_tiny_model("qwen2", student_tokenizer_dir, other, seed=2, hidden_size=16, intermediate_size=32)
-    ref = root / "dpo-ref-student.arrow"
-    run_shard(tokens, ref, "student", "token", str(student), None, None, WeightSpec(transform="uniform"))
     data = root / "test.parquet"
-    pq.write_table(pa.Table.from_pylist([{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected")} for p in pairs]), data)
+    pq.write_table(
+        pa.Table.from_pylist([{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected")} for p in pairs]), data
+    )
     return dict(root=root, tokens=tokens, student=student, other=other, ref=ref, data=data)
 
 
@@ -194,10 +211,18 @@ def _lm_eval_choice_logps(model, tokenizer, context: str, continuation: str) -> 
 def test_lm_eval_runs_the_local_tasks_offline_and_matches_a_hand_computation(setup, tmp_path):
     counts = write_task_data(setup["data"], tmp_path / "tasks")
     assert counts["prefkd_pref_mc"] == PAIRS and counts["prefkd_arith"] > 0
-    tasks = [{"task": "prefkd_pref_mc", "label": "Pref-MC"}, {"task": "prefkd_arith", "label": "Arith"}, {"task": "prefkd_reply"}]
-    result = run_suite(setup["student"], {"tasks": tasks, "batch_size": 4, "limit": 8}, tmp_path / "tasks", seed=1, device="cpu")
+    tasks = [
+        {"task": "prefkd_pref_mc", "label": "Pref-MC"},
+        {"task": "prefkd_arith", "label": "Arith"},
+        {"task": "prefkd_reply"},
+    ]
+    result = run_suite(
+        setup["student"], {"tasks": tasks, "batch_size": 4, "limit": 8}, tmp_path / "tasks", seed=1, device="cpu"
+    )
     assert result["scores"]["prefkd_reply"]["samples"] == 8 and 0 <= result["scores"]["prefkd_reply"]["value"] <= 1
-    result = run_suite(setup["student"], {"tasks": tasks[:2], "batch_size": 4}, tmp_path / "tasks", seed=1, device="cpu")
+    result = run_suite(
+        setup["student"], {"tasks": tasks[:2], "batch_size": 4}, tmp_path / "tasks", seed=1, device="cpu"
+    )
     mc, arith = result["scores"]["prefkd_pref_mc"], result["scores"]["prefkd_arith"]
     assert mc["samples"] == PAIRS and arith["samples"] == counts["prefkd_arith"]
     assert arith["metric"] == "exact_match,extract" and 0 <= arith["value"] <= 1
@@ -216,12 +241,19 @@ def test_lm_eval_runs_the_local_tasks_offline_and_matches_a_hand_computation(set
 
 
 def test_a_local_task_without_data_is_reported_as_skipped(setup, tmp_path):
-    rows = [r for r in pq.read_table(setup["data"]).to_pylist() if arithmetic_answer(r["prompt"][-1]["content"]) is None][:4]
+    rows = [
+        r for r in pq.read_table(setup["data"]).to_pylist() if arithmetic_answer(r["prompt"][-1]["content"]) is None
+    ][:4]
     data = tmp_path / "no-arith.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
     assert write_task_data(data, tmp_path / "tasks")["prefkd_arith"] == 0
-    result = run_suite(setup["student"], {"tasks": ["prefkd_arith", "prefkd_pref_mc"]}, tmp_path / "tasks", device="cpu")
-    assert result["scores"]["prefkd_arith"]["value"] is None and "no held-out prompts" in result["scores"]["prefkd_arith"]["skipped"]
+    result = run_suite(
+        setup["student"], {"tasks": ["prefkd_arith", "prefkd_pref_mc"]}, tmp_path / "tasks", device="cpu"
+    )
+    assert (
+        result["scores"]["prefkd_arith"]["value"] is None
+        and "no held-out prompts" in result["scores"]["prefkd_arith"]["skipped"]
+    )
     assert result["scores"]["prefkd_pref_mc"]["samples"] == 4
     with pytest.raises(PrefkdError, match="unknown local lm-eval task"):
         run_suite(setup["student"], {"tasks": ["prefkd_nope"]}, tmp_path / "tasks", device="cpu")

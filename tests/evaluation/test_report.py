@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from prefkd.errors import PrefkdError
 from prefkd.core.settings import add_options, from_args
+from prefkd.errors import PrefkdError
 from prefkd.evaluation.report import PAPER_AVG_COLUMN, ReportSettings, build_report, run, table_numbers, table_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,7 +48,10 @@ ALIGN_SPLIT = {
     "pairs_in": 601,
     "pairs_out": 600,
     "prompts_truncated": {"student": 0, "teacher": 2},
-    "response_tokens": {"student": {"chosen": 23661, "rejected": 23031}, "teacher": {"chosen": 24986, "rejected": 24362}},
+    "response_tokens": {
+        "student": {"chosen": 23661, "rejected": 23031},
+        "teacher": {"chosen": 24986, "rejected": 24362},
+    },
     "responses_truncated": {"chosen": 3, "rejected": 1},
     "span_size_hist": {"1": 43932, "2": 1972, "3": 343, "4": 140, "9+": 2},
     "spans": 46389,
@@ -61,15 +64,52 @@ WEIGHTS = {
         "mean_weight": {"chosen": 1.5769951033105818, "rejected": 0.932019369199879},
         "pairs": 600,
         "planted_check": {
-            "chosen": {"inside": 1.7375492334112117, "inside_units": 8457, "outside": 1.4902841911605815, "outside_units": 15659},
+            "chosen": {
+                "inside": 1.7375492334112117,
+                "inside_units": 8457,
+                "outside": 1.4902841911605815,
+                "outside_units": 15659,
+            },
             "finds_planted_differences": True,
-            "rejected": {"inside": 1.0869221956430264, "inside_units": 7814, "outside": 0.854721309475016, "outside_units": 15659},
+            "rejected": {
+                "inside": 1.0869221956430264,
+                "inside_units": 7814,
+                "outside": 0.854721309475016,
+                "outside_units": 15659,
+            },
         },
         "spec": {"aggregation": "sum", "k": 1.0, "lower": -0.5, "seed": 1, "transform": "ctpd", "upper": 1.5},
         "unit": "span",
         "weight_bins": BINS,
         "weight_hist": {
-            "chosen": [0, 0, 0, 2887, 3525, 5515, 2835, 2054, 1324, 1104, 758, 585, 437, 338, 303, 244, 199, 147, 146, 121, 102, 119, 1373, 0, 0, 0],
+            "chosen": [
+                0,
+                0,
+                0,
+                2887,
+                3525,
+                5515,
+                2835,
+                2054,
+                1324,
+                1104,
+                758,
+                585,
+                437,
+                338,
+                303,
+                244,
+                199,
+                147,
+                146,
+                121,
+                102,
+                119,
+                1373,
+                0,
+                0,
+                0,
+            ],
             "rejected": [0, 2696, 2941, 3900, 5362, 2728, 1245, 651, 3950] + [0] * 17,
         },
     },
@@ -93,7 +133,14 @@ def _write(path: Path, obj) -> Path:
 
 def _suite_json(model: str, suite: str, values: dict) -> dict:
     scores = {
-        task: {"metric": "acc,none", "value": values[task], "stderr": 0.05, "samples": 60, "label": label, "num_fewshot": 0}
+        task: {
+            "metric": "acc,none",
+            "value": values[task],
+            "stderr": 0.05,
+            "samples": 60,
+            "label": label,
+            "num_fewshot": 0,
+        }
         for task, label in SUITES[suite].items()
         if task in values
     }
@@ -121,7 +168,14 @@ def _metrics(kind: str, steps: int = 30) -> str:
     for s in range(1, steps + 1):
         row = {"step": s, "epoch": s / steps, "lr": 1e-3, "loss": 10.0 / s if kind == "sft" else 0.7 - 0.01 * s}
         if kind == "pref":
-            row.update({"rewards/accuracy": float(s % 3 != 0), "rewards/margin": 0.1 * s, "rewards/chosen": 0.0, "rewards/rejected": -0.1 * s})
+            row.update(
+                {
+                    "rewards/accuracy": float(s % 3 != 0),
+                    "rewards/margin": 0.1 * s,
+                    "rewards/chosen": 0.0,
+                    "rewards/rejected": -0.1 * s,
+                }
+            )
         if kind == "kd":
             row.update({"kd/loss": 1.5 - 0.01 * s, "nll": 6.0})
         rows.append(json.dumps(row))
@@ -141,21 +195,46 @@ def make_tree(root: Path, extra_models: dict | None = None) -> dict:
             rate, wins, ties, losses = REWARDS[model]
             _write(
                 d / "reward.json",
-                {"model": model, "baseline": "student-sft", "judge": "implicit:teacher-pos/teacher-neg", "prompts": 60,
-                 "mean_score": 0.3, "baseline_mean_score": 0.1, "win_rate": rate, "wins": wins, "ties": ties, "losses": losses},
+                {
+                    "model": model,
+                    "baseline": "student-sft",
+                    "judge": "implicit:teacher-pos/teacher-neg",
+                    "prompts": 60,
+                    "mean_score": 0.3,
+                    "baseline_mean_score": 0.1,
+                    "win_rate": rate,
+                    "wins": wins,
+                    "ties": ties,
+                    "losses": losses,
+                },
             )
         models[model] = d
-    alignment = _write(exp / "stats" / "alignment.json", {"all": ALIGN_SPLIT, "test": ALIGN_SPLIT, "train": ALIGN_SPLIT, "valid": ALIGN_SPLIT})
+    alignment = _write(
+        exp / "stats" / "alignment.json",
+        {"all": ALIGN_SPLIT, "test": ALIGN_SPLIT, "train": ALIGN_SPLIT, "valid": ALIGN_SPLIT},
+    )
     weights = _write(exp / "stats" / "weights.json", WEIGHTS)
     runs = {}
-    for name, kind, sub in (("teacher-sft", "sft", "models"), ("teacher-pos", "pref", "models"),
-                            ("student-ctpd", "pref", "students"), ("student-uld", "kd", "students")):
+    for name, kind, sub in (
+        ("teacher-sft", "sft", "models"),
+        ("teacher-pos", "pref", "models"),
+        ("student-ctpd", "pref", "students"),
+        ("student-uld", "kd", "students"),
+    ):
         d = exp / sub / name
         d.mkdir(parents=True)
         (d / "metrics.jsonl").write_text(_metrics(kind))
         runs[name] = d
-    return dict(experiment="t", models=models, suites=list(SUITES), alignment=alignment, weights=weights, runs=runs,
-                out_md=exp / "report.md", plots_dir=exp / "report")
+    return dict(
+        experiment="t",
+        models=models,
+        suites=list(SUITES),
+        alignment=alignment,
+        weights=weights,
+        runs=runs,
+        out_md=exp / "report.md",
+        plots_dir=exp / "report",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +300,11 @@ def test_preference_table_equals_the_jsons(built):
         if model in REWARDS:
             rate, wins, ties, losses = REWARDS[model]
             assert numbers[(label, "win rate")] == round(rate * 100, 2)
-            assert (numbers[(label, "wins")], numbers[(label, "ties")], numbers[(label, "losses")]) == (wins, ties, losses)
+            assert (numbers[(label, "wins")], numbers[(label, "ties")], numbers[(label, "losses")]) == (
+                wins,
+                ties,
+                losses,
+            )
         else:
             assert (label, "win rate") not in numbers
     assert "implicit:teacher-pos/teacher-neg" in md
@@ -267,8 +350,10 @@ def test_no_ablation_means_one_sentence(built):
 
 
 def test_ablation_table_with_paper_averages(tmp_path):
-    extra = {"student-uniform": {"pref_mc": 0.6, "arith": 0.31, "arc_tiny": 0.27},
-             "student-mean": {"pref_mc": 0.58, "arith": 0.3, "arc_tiny": 0.26}}
+    extra = {
+        "student-uniform": {"pref_mc": 0.6, "arith": 0.31, "arc_tiny": 0.27},
+        "student-mean": {"pref_mc": 0.58, "arith": 0.3, "arc_tiny": 0.26},
+    }
     kw = make_tree(tmp_path, extra)
     result = build_report(**kw)
     md = kw["out_md"].read_text()
@@ -346,8 +431,18 @@ def test_cli(tmp_path, capsys):
     kw = make_tree(tmp_path)
     p = argparse.ArgumentParser()
     add_options(p, ReportSettings)
-    argv = ["--experiment", "t", "--alignment", str(kw["alignment"]), "--weights", str(kw["weights"]),
-            "--out", str(kw["out_md"]), "--plots", str(kw["plots_dir"])]
+    argv = [
+        "--experiment",
+        "t",
+        "--alignment",
+        str(kw["alignment"]),
+        "--weights",
+        str(kw["weights"]),
+        "--out",
+        str(kw["out_md"]),
+        "--plots",
+        str(kw["plots_dir"]),
+    ]
     # one flag, many values (the rule's form)
     argv += ["--model"] + [f"{m}={d}" for m, d in kw["models"].items()]
     argv += ["--suite", *kw["suites"]]
@@ -359,3 +454,27 @@ def test_cli(tmp_path, capsys):
     assert table_numbers(md)[("CTPD", "Pref-MC")] == 70.0
     with pytest.raises(PrefkdError, match="NAME=PATH"):
         run(from_args(ReportSettings, p.parse_args(argv + ["--model", "oops"])))
+
+
+def test_prepare_drops_are_in_the_report(tmp_path):
+    """The prepare stage's counted drops (with line numbers) and splits show in the Data section."""
+    kw = make_tree(tmp_path)
+    filters = tmp_path / "filter_report.json"
+    filters.write_text(
+        json.dumps(
+            {
+                "source": "pairs.jsonl",
+                "rows_in": 10,
+                "kept": 7,
+                "dropped": {"invalid_utf8": 2, "malformed_json": 1, "empty_prompt": 0},
+                "example_lines": {"invalid_utf8": [3, 8], "malformed_json": [5]},
+                "splits": {"train": 5, "valid": 1, "test": 1},
+            }
+        )
+    )
+    result = build_report(**kw, filters=filters)
+    md = kw["out_md"].read_text()
+    assert "## Data" in md and "dropped: invalid_utf8 (lines 3, 8)" in md and "empty_prompt" not in md
+    table = result["tables"]["Data"]
+    assert table[("kept", "count")] == 7 and table[("dropped: malformed_json (lines 5)", "count")] == 1
+    assert table[("test pairs", "count")] == 1

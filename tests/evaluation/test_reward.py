@@ -14,28 +14,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 torch = pytest.importorskip("torch")
 
-from prefkd.core.settings import add_options, from_args  # noqa: E402
-from prefkd.evaluation import reward  # noqa: E402
-from prefkd.data.demo import generate_demo_pairs  # noqa: E402
-from prefkd.errors import PrefkdError  # noqa: E402
 from prefkd.assets.models import build_tiny_model  # noqa: E402
+from prefkd.core.settings import add_options, from_args  # noqa: E402
+from prefkd.data.demo import generate_demo_pairs  # noqa: E402
 from prefkd.data.prepare import write_split  # noqa: E402
+from prefkd.errors import PrefkdError  # noqa: E402
+from prefkd.evaluation import reward  # noqa: E402
 
 PROMPTS = 6
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_tokenizer_dir, student_tokenizer_dir):
+def setup(tmp_path_factory, tiny_models, student_tokenizer_dir):
+    """The shared tiny teacher pair (conftest.py) as the implicit judge, and a student with an untied head."""
     root = tmp_path_factory.mktemp("reward")
     records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(10, seed=3))]
     data = root / "test.parquet"
     write_split(records[::-1], data)  # stored out of order: load_prompts sorts by pair_id
-    teacher, teacher_neg, student = root / "teacher", root / "teacher-neg", root / "student"
-    build_tiny_model("mistral", teacher_tokenizer_dir, teacher, seed=1, hidden_size=32, intermediate_size=64)
-    build_tiny_model("mistral", teacher_tokenizer_dir, teacher_neg, seed=2, hidden_size=32, intermediate_size=64)
+    teacher, teacher_neg, student = tiny_models["teacher"], tiny_models["teacher-neg"], root / "student"
     # untied head: a tied random tiny Qwen2 only repeats the last prompt token ("\n"), i.e. empty answers
-    build_tiny_model("qwen2", student_tokenizer_dir, student, seed=1, hidden_size=16, intermediate_size=32, tie_word_embeddings=False)
+    build_tiny_model(
+        "qwen2", student_tokenizer_dir, student, seed=1, hidden_size=16, intermediate_size=32, tie_word_embeddings=False
+    )
     rows = reward.load_prompts(data, PROMPTS)
     return dict(root=root, data=data, teacher=teacher, teacher_neg=teacher_neg, student=student, rows=rows,
                 prompts=[r["prompt"] for r in rows])  # fmt: skip
@@ -78,7 +79,9 @@ def _independent_implicit(pos_dir, neg_dir, prompt, answer):
 
 
 def test_implicit_judge(setup):
-    answers = ["Blue, mostly.", "", "The capital is Paris 🇫🇷 and 4 + 5 = 9.", "Sure – here it is."] + ["ok"] * (PROMPTS - 4)
+    answers = ["Blue, mostly.", "", "The capital is Paris 🇫🇷 and 4 + 5 = 9.", "Sure – here it is."] + ["ok"] * (
+        PROMPTS - 4
+    )
     same = reward.ImplicitJudge(setup["teacher"], setup["teacher"], batch_size=3, device="cpu")
     assert same.score(setup["prompts"], answers) == [0.0] * PROMPTS
     judge = reward.make_judge("implicit", setup["teacher"], setup["teacher_neg"], batch_size=3, device="cpu")

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefkd.io.config import DEFAULT_SCHEMA, load_config, validate_config
 from prefkd.errors import PrefkdError
+from prefkd.io.config import DEFAULT_SCHEMA, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 ALL_CONFIGS = [REPO / "config.yaml", *CONFIGS]
-TEMPLATES = REPO / "prefkd" / "templates"
+TEMPLATES = REPO / "prefkd" / "assets" / "templates"
 
 
 def base_config() -> dict:
@@ -90,7 +90,10 @@ def test_real_pairs_match_the_paper_and_the_seed():
     paper = load_config(REPO / "configs" / "paper-qwen14b-llama8b.yaml")
     assert paper["teacher"]["model"] == "Qwen/Qwen2.5-14B"
     assert paper["student"]["model"] == "meta-llama/Llama-3.1-8B"
-    assert (paper["data"]["source"], paper["data"]["hf_split"]) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
+    assert (paper["data"]["source"], paper["data"]["hf_split"]) == (
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "train_prefs",
+    )
     for config in (seed, paper):
         assert (config["tokenize"]["max_length"], config["tokenize"]["max_prompt_length"]) == (512, 128)
         assert config["tokenize"]["shards"] == 64
@@ -100,11 +103,25 @@ def test_real_pairs_match_the_paper_and_the_seed():
 
 
 def test_real_configs_evaluate_the_papers_benchmarks():
-    expected = [("hellaswag", 10), ("arc_challenge", 25), ("mmlu", 5), ("truthfulqa_mc2", 0), ("winogrande", 5), ("gsm8k", 5)]
+    expected = [
+        ("hellaswag", 10),
+        ("arc_challenge", 25),
+        ("mmlu", 5),
+        ("truthfulqa_mc2", 0),
+        ("winogrande", 5),
+        ("gsm8k", 5),
+    ]
     for name in ("seed-mistral7b-qwen1.5b.yaml", "paper-qwen14b-llama8b.yaml"):
         suites = load_config(REPO / "configs" / name)["evaluation"]["suites"]
         assert [(t["task"], t["num_fewshot"]) for t in suites["openllm"]["tasks"]] == expected
-        assert [t["label"] for t in suites["openllm"]["tasks"]] == ["HellaSwag", "ARC", "MMLU", "TruthfulQA", "Winogrande", "GSM8K"]
+        assert [t["label"] for t in suites["openllm"]["tasks"]] == [
+            "HellaSwag",
+            "ARC",
+            "MMLU",
+            "TruthfulQA",
+            "Winogrande",
+            "GSM8K",
+        ]
         assert {t["task"] for t in suites["leaderboard"]["tasks"]} == {"leaderboard_ifeval", "leaderboard_bbh"}
     assert load_config(REPO / "configs" / "paper-qwen14b-llama8b.yaml")["distill"]["methods"] == ["all"]
 
@@ -277,3 +294,109 @@ def test_snakemake_stops_with_the_sentence(tmp_path: Path):
     assert "prefkd config error: config key 'tokenize.max_lenght' is not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (project / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors found when the DAG is built, not hours later in a job (issue 10, item 6)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", [("distill", "lr"), ("sft", "teacher", "epochs"), ("signals", "k")], ids=".".join)
+def test_non_finite_numbers_are_refused(path, value):
+    config = base_config()
+    parent = config
+    for part in path[:-1]:
+        parent = parent.setdefault(part, {})
+    parent[path[-1]] = value
+    message = error_of(config)
+    assert ".".join(path) in message and "finite" in message
+
+
+def test_clamp_bounds_must_be_ordered():
+    config = base_config()
+    config.setdefault("signals", {}).update(lower=2.0, upper=1.0)
+    message = error_of(config)
+    assert "signals.lower" in message and "signals.upper" in message
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\n\n", "a\nb"])
+def test_experiment_name_must_match_whole(name):
+    config = base_config()
+    config["experiment"] = name
+    assert "experiment" in error_of(config)
+
+
+def _dry_run(tmp_path: Path, config: dict, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake -n` of ``config`` in a copy of the project: the DAG is built, nothing runs."""
+    project = tmp_path / "project"
+    for name in ("workflow", "configs"):
+        shutil.copytree(REPO / name, project / name)
+    shutil.copy(REPO / "config.yaml", project / "config.yaml")
+    (project / "x.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf")
+    )
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", "x.yaml"]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    parent = config
+    *head, last = dotted.split(".")
+    for part in head:
+        parent = parent.setdefault(part, {})
+    parent[last] = value
+    return config
+
+
+LATE_ERRORS = {
+    "unknown builtin model": ("teacher.model", "builtin:tiny-llama", "builtin:tiny-llama"),
+    "unknown builtin tokenizer": ("student.tokenizer", "builtin:qwen9", "builtin:qwen9"),
+    "uncached hub model offline": ("teacher.model", "nobody/no-such-model-7b", "nobody/no-such-model-7b"),
+    "uncached hub tokenizer offline": ("student.tokenizer", "nobody/no-such-tokenizer", "nobody/no-such-tokenizer"),
+    "missing data file": ("data.source", "data/missing.jsonl", "data/missing.jsonl"),
+    "missing accelerate config": ("train.accelerate", "configs/accelerate/nope.yaml", "nope.yaml"),
+    "unknown accelerate name": ("train.accelerate", "zero9", "zero9"),
+    "unknown lm-eval task": (
+        "evaluation.suites",
+        {"s": {"tasks": [{"task": "no_such_task_xyz"}]}},
+        "no_such_task_xyz",
+    ),
+    "uncached reward judge offline": (
+        "evaluation.reward.judge",
+        "nobody/no-such-reward-model",
+        "nobody/no-such-reward-model",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LATE_ERRORS))
+def test_dry_run_stops_with_one_sentence(tmp_path: Path, case: str):
+    key, value, named = LATE_ERRORS[case]
+    proc = _dry_run(tmp_path, _set(base_config(), key, value))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("prefkd config error:")]
+    assert len(lines) == 1, out[-2000:]
+    assert named in lines[0]
+    assert_one_sentence(lines[0].removeprefix("prefkd config error:").strip())
+
+
+@pytest.mark.slow
+def test_dry_run_accepts_a_cached_hub_model_offline(tmp_path: Path):
+    """An HF id found in the local Hugging Face cache passes the offline check."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "tokenizer.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    config = _set(base_config(), "teacher.model", "someone/tiny")
+    proc = _dry_run(tmp_path, config)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -8,22 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from prefkd.core.methods import METHODS, SIGNAL_SETS, resolve_methods, signal_sets_for
 from prefkd.data.batches import PairTable, collate_chosen_views
-from prefkd.data.demo import generate_demo_pairs
 from prefkd.errors import PrefkdError
 from prefkd.io.config import load_schema
-from prefkd.core.methods import METHODS, SIGNAL_SETS, resolve_methods, signal_sets_for
-from prefkd.assets.models import build_tiny_model
-from prefkd.io.shards import read_shard, write_shard
-from prefkd.training.signals import WeightSpec, run_shard
-from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+from prefkd.io.shards import read_shard
 from prefkd.training.engine import TrainSettings, train
+from prefkd.training.signals import WeightSpec, run_shard
 
 ROOT = Path(__file__).resolve().parents[2]
-PAIRS = 16
+PAIRS = 16  # the shared session pairs (conftest.py)
 
 
 def test_schema_lists_exactly_the_registered_methods():
@@ -38,23 +34,18 @@ def test_schema_lists_exactly_the_registered_methods():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_tokenizer, student_tokenizer, teacher_tokenizer_dir, student_tokenizer_dir):
+def setup(tmp_path_factory, shared_tokens, tiny_models, student_dpo_ref):
+    """The shared session fixtures (conftest.py) plus this module's CTPD and student-reference signal shards."""
     root = tmp_path_factory.mktemp("distill")
-    records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(PAIRS, seed=1))]
-    table, stats = tokenize_pairs(records, ModelTokens(teacher_tokenizer), ModelTokens(student_tokenizer), 96, 48)
-    tokens = root / "tokens.arrow"
-    write_shard(table, tokens, kind="tokens", stats=stats)
-    teacher, teacher_neg, student = root / "teacher", root / "teacher-neg", root / "student"
-    build_tiny_model("mistral", teacher_tokenizer_dir, teacher, seed=1, hidden_size=32, intermediate_size=64)
-    build_tiny_model("mistral", teacher_tokenizer_dir, teacher_neg, seed=2, hidden_size=32, intermediate_size=64)
-    build_tiny_model("qwen2", student_tokenizer_dir, student, seed=1, hidden_size=16, intermediate_size=32)
+    tokens, dpo_ref = shared_tokens, student_dpo_ref
+    teacher, teacher_neg, student = tiny_models["teacher"], tiny_models["teacher-neg"], tiny_models["student"]
     ctpd = root / "ctpd.arrow"
     run_shard(tokens, ctpd, "teacher", "span", str(teacher), str(teacher), str(teacher_neg), WeightSpec())
     student_ref = root / "student-ref.arrow"
     run_shard(tokens, student_ref, "student", "span", str(student), None, None, WeightSpec(transform="uniform"))
-    dpo_ref = root / "dpo-ref-student.arrow"
-    run_shard(tokens, dpo_ref, "student", "token", str(student), None, None, WeightSpec(transform="uniform"))
-    return dict(root=root, tokens=tokens, teacher=teacher, student=student, ctpd=ctpd, student_ref=student_ref, dpo_ref=dpo_ref)
+    return dict(
+        root=root, tokens=tokens, teacher=teacher, student=student, ctpd=ctpd, student_ref=student_ref, dpo_ref=dpo_ref
+    )
 
 
 def settings(setup, name, **kw):

@@ -161,7 +161,19 @@ def test_uld_zero_for_permuted_distributions():
 # ----------------------------------------------------------------------------- MinED map
 
 TEACHER_VOCAB = {"▁the": 0, "▁cat": 1, "ing": 2, "▁runn": 3, "<0x41>": 4, "xyz": 5, "kitten": 6, "abc": 7}
-STUDENT_VOCAB = {"Ġthe": 0, "Ġca": 1, "Ġcats": 2, "ing": 3, "Ġrun": 4, "A": 5, "xy": 6, "sitten": 7, "kit": 8, "abe": 9, "abd": 10}
+STUDENT_VOCAB = {
+    "Ġthe": 0,
+    "Ġca": 1,
+    "Ġcats": 2,
+    "ing": 3,
+    "Ġrun": 4,
+    "A": 5,
+    "xy": 6,
+    "sitten": 7,
+    "kit": 8,
+    "abe": 9,
+    "abd": 10,
+}
 
 
 def test_mined_map_hand_verified():
@@ -309,7 +321,9 @@ def dskd_case(seed: int = 0):
 def test_dskd_gradients_reach_student_and_projectors_only():
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
-    kd = build_kd("dskd", 2.0, student_head=s_head, teacher_head=t_head, student_dim=DS, teacher_dim=DT, accuracy_gate=False)
+    kd = build_kd(
+        "dskd", 2.0, student_head=s_head, teacher_head=t_head, student_dim=DS, teacher_dim=DT, accuracy_gate=False
+    )
     assert isinstance(kd, DSKD)
     params = list(kd.parameters())
     assert len(params) == 6 and all(p.requires_grad for p in params)  # query, t2s, s2t (weight + bias)
@@ -330,7 +344,15 @@ def test_dskd_with_embedding_modules():
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
     s_embed, t_embed = torch.nn.Embedding(VS, DS), torch.nn.Embedding(VT, DT)
-    kd = build_kd("dskd", 2.0, student_head=s_head, teacher_head=t_head, student_embed=s_embed, teacher_embed=t_embed, accuracy_gate=False)
+    kd = build_kd(
+        "dskd",
+        2.0,
+        student_head=s_head,
+        teacher_head=t_head,
+        student_embed=s_embed,
+        teacher_embed=t_embed,
+        accuracy_gate=False,
+    )
     assert len(list(kd.parameters())) == 6
     loss, _ = kd(s, t)
     assert torch.isfinite(loss) and loss.item() >= 0
@@ -419,7 +441,9 @@ def test_masked_positions_do_not_matter(name):
         s_out = s_out + [3]  # inside span 1: no teacher counterpart
     if name == "uld":
         s_out = s_out + [4]  # the student's 4th prediction has no 4th teacher prediction
-    changed = run(perturb(s_logits, s_out), perturb(t_logits, t_out), perturb(s_hidden, s_out), perturb(t_hidden, t_out))
+    changed = run(
+        perturb(s_logits, s_out), perturb(t_logits, t_out), perturb(s_hidden, s_out), perturb(t_hidden, t_out)
+    )
     assert changed.item() == pytest.approx(base.item(), abs=1e-6)
     # ... while a contributing position does matter
     moved = run(perturb(s_logits, [2]), t_logits, perturb(s_hidden, [2]), t_hidden)
@@ -432,7 +456,13 @@ def test_no_response_gives_zero_with_graph(name):
     s_logits = torch.randn(1, 6, 5, requires_grad=True)
     s_hidden = torch.randn(1, 6, DS, requires_grad=True)
     s = KDSide(s_logits, s_hidden, torch.zeros(1, 6, dtype=torch.long), torch.full((1, 6), -1), torch.zeros(1, 6))
-    t = KDSide(torch.randn(1, 7, 7), torch.randn(1, 7, DT), torch.zeros(1, 7, dtype=torch.long), torch.full((1, 7), -1), torch.zeros(1, 7))
+    t = KDSide(
+        torch.randn(1, 7, 7),
+        torch.randn(1, 7, DT),
+        torch.zeros(1, 7, dtype=torch.long),
+        torch.full((1, 7), -1),
+        torch.zeros(1, 7),
+    )
     loss, _ = kd(s, t)
     assert loss.item() == 0.0
     loss.backward()  # does not raise
@@ -515,9 +545,9 @@ def test_all_terms_end_to_end_on_real_shard_rows(teacher_tokenizer, student_toke
     """
     import transformers
 
+    from prefkd.assets.models import TINY_ARCHS
     from prefkd.data.batches import unit_ids
     from prefkd.data.demo import generate_demo_pairs
-    from prefkd.assets.models import TINY_ARCHS
     from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
 
     records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(3, seed=1))]

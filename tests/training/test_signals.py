@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from prefkd.assets.models import build_tiny_model, load_model
+from prefkd.core.logprobs import model_token_logps
+from prefkd.core.weights import TRANSFORMS, WeightSpec, transform_weights
 from prefkd.data.batches import PairTable, collate_pairs
 from prefkd.data.demo import generate_demo_pairs
-from prefkd.errors import PrefkdError
-from prefkd.core.logprobs import model_token_logps
-from prefkd.assets.models import build_tiny_model, load_model
-from prefkd.io.shards import read_shard, shard_stats, write_shard
-from prefkd.core.weights import TRANSFORMS, WeightSpec, transform_weights
-from prefkd.training.signals import compute_signals, merge_weight_stats, run_shard
 from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+from prefkd.errors import PrefkdError
+from prefkd.io.shards import read_shard, shard_stats, write_shard
+from prefkd.training.signals import merge_weight_stats, run_shard
 
 
 def test_ctpd_weights_follow_the_formula_and_ranges():
@@ -28,7 +28,9 @@ def test_ctpd_weights_follow_the_formula_and_ranges():
     assert chosen.dtype == np.float32
     np.testing.assert_allclose(chosen, np.exp(np.clip(d, -0.5, 1.5)), rtol=1e-6)
     np.testing.assert_allclose(rejected, np.exp(-np.clip(d, -0.5, 1.5)), rtol=1e-6)
-    assert chosen.min() == pytest.approx(math.exp(-0.5), rel=1e-6) and chosen.max() == pytest.approx(math.exp(1.5), rel=1e-6)
+    assert chosen.min() == pytest.approx(math.exp(-0.5), rel=1e-6) and chosen.max() == pytest.approx(
+        math.exp(1.5), rel=1e-6
+    )
     assert 0.22 < rejected.min() < 0.23 and 1.64 < rejected.max() < 1.65  # method.md: [0.22, 1.65]
     assert 0.60 < chosen.min() < 0.61 and 4.48 < chosen.max() < 4.49  # method.md: [0.61, 4.48]
 
@@ -56,21 +58,22 @@ def test_bad_spec_is_one_sentence():
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory, teacher_tokenizer, student_tokenizer, teacher_tokenizer_dir):
+def shard(tmp_path_factory, teacher_tokenizer, student_tokenizer, tiny_models):
+    """12 demo pairs at max length 128 (its own token shard) scored by the shared tiny teacher pair."""
     root = tmp_path_factory.mktemp("signals")
     records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(12, seed=1))]
     table, stats = tokenize_pairs(records, ModelTokens(teacher_tokenizer), ModelTokens(student_tokenizer), 128, 64)
     tokens = root / "tokens.arrow"
     write_shard(table, tokens, kind="tokens", stats=stats)
-    pos, neg = root / "pos", root / "neg"
-    build_tiny_model("mistral", teacher_tokenizer_dir, pos, seed=1, hidden_size=32, intermediate_size=64)
-    build_tiny_model("mistral", teacher_tokenizer_dir, neg, seed=2, hidden_size=32, intermediate_size=64)
+    pos, neg = tiny_models["teacher"], tiny_models["teacher-neg"]
     return {"root": root, "tokens": tokens, "pos": pos, "neg": neg}
 
 
 def test_span_values_are_sums_of_token_logps(shard):
     out = shard["root"] / "sig.arrow"
-    run_shard(shard["tokens"], out, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]), WeightSpec())
+    run_shard(
+        shard["tokens"], out, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]), WeightSpec()
+    )
     sig = read_shard(out, "signals").to_pylist()
     rows = read_shard(shard["tokens"]).to_pylist()
     pos, neg = load_model(str(shard["pos"])), load_model(str(shard["neg"]))
@@ -94,7 +97,16 @@ def test_span_values_are_sums_of_token_logps(shard):
 def test_identical_contrastive_models_give_unit_weights_and_rerun_is_byte_identical(shard):
     a, b = shard["root"] / "same-a.arrow", shard["root"] / "same-b.arrow"
     for path in (a, b):
-        run_shard(shard["tokens"], path, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["pos"]), WeightSpec())
+        run_shard(
+            shard["tokens"],
+            path,
+            "teacher",
+            "span",
+            str(shard["pos"]),
+            str(shard["pos"]),
+            str(shard["pos"]),
+            WeightSpec(),
+        )
     assert a.read_bytes() == b.read_bytes()
     table = read_shard(a, "signals")
     for side in ("chosen", "rejected"):
@@ -144,7 +156,17 @@ def test_mixed_roles_share_span_units(shard, student_tokenizer_dir):
     build_tiny_model("qwen2", student_tokenizer_dir, student, seed=3)
     out = shard["root"] / "mixed.arrow"
     roles = {"ref": "student", "pos": "teacher", "neg": "student"}
-    run_shard(shard["tokens"], out, "teacher", "span", str(student), str(shard["pos"]), str(student), WeightSpec(), roles=roles)
+    run_shard(
+        shard["tokens"],
+        out,
+        "teacher",
+        "span",
+        str(student),
+        str(shard["pos"]),
+        str(student),
+        WeightSpec(),
+        roles=roles,
+    )
     sig = read_shard(out, "signals").to_pylist()
     rows = read_shard(shard["tokens"]).to_pylist()
     for s, row in zip(sig, rows):
@@ -152,4 +174,14 @@ def test_mixed_roles_share_span_units(shard, student_tokenizer_dir):
         assert len(s["chosen_weights"]) == len(s["chosen_ref_logps"]) == m
     assert shard_stats(out)["roles"] == roles
     with pytest.raises(PrefkdError, match="token units"):
-        run_shard(shard["tokens"], out, "teacher", "token", str(student), str(shard["pos"]), str(student), WeightSpec(), roles=roles)
+        run_shard(
+            shard["tokens"],
+            out,
+            "teacher",
+            "token",
+            str(student),
+            str(shard["pos"]),
+            str(student),
+            WeightSpec(),
+            roles=roles,
+        )

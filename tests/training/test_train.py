@@ -10,24 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from prefkd.data.demo import generate_demo_pairs
-from prefkd.assets.models import build_tiny_model
-from prefkd.io.shards import read_shard, reverse_shard, write_shard
-from prefkd.training.signals import WeightSpec, run_shard
 from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
+from prefkd.io.shards import read_shard, reverse_shard, write_shard
 from prefkd.training.engine import TrainSettings, schedule_lengths, train
+from prefkd.training.signals import WeightSpec, run_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = 24
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_tokenizer, teacher_tokenizer_dir):
+def setup(tmp_path_factory, teacher_tokenizer, tiny_models):
+    """Both roles use the teacher tokenizer here (the engine is what is under test); the shared tiny teacher
+    (conftest.py) is the initial model."""
     root = tmp_path_factory.mktemp("train")
     records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(PAIRS, seed=1))]
     model = ModelTokens(teacher_tokenizer)
@@ -35,8 +35,7 @@ def setup(tmp_path_factory, teacher_tokenizer, teacher_tokenizer_dir):
     table, stats = tokenize_pairs(records, model, model, max_length=96, max_prompt_length=48)
     tokens = root / "tokens.arrow"
     write_shard(table, tokens, kind="tokens", stats=stats)
-    init = root / "init"
-    build_tiny_model("mistral", teacher_tokenizer_dir, init, seed=1, hidden_size=32, intermediate_size=64)
+    init = tiny_models["teacher"]
     signals = root / "ref.arrow"
     run_shard(tokens, signals, "teacher", "token", str(init), None, None, WeightSpec(transform="uniform"))
     return {"root": root, "tokens": tokens, "init": init, "signals": signals}
@@ -102,7 +101,9 @@ def test_exact_resume(setup):
 
 
 def test_dpo_loss_is_ln2_at_step_zero_and_learns(setup):
-    s = settings(setup, "dpo", stage="preference", unit="token", signals=[str(setup["signals"])], lr=1e-3, beta=0.3, epochs=2)
+    s = settings(
+        setup, "dpo", stage="preference", unit="token", signals=[str(setup["signals"])], lr=1e-3, beta=0.3, epochs=2
+    )
     train(s)
     rows = metrics(s.out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -149,7 +150,15 @@ def test_negative_teacher_trains_on_the_reversed_artifacts(tmp_path):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "results/demo/models/teacher-dpo-neg", "results/demo/models/teacher-dpo-pos"],
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            "results/demo/models/teacher-dpo-neg",
+            "results/demo/models/teacher-dpo-pos",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -46,11 +46,14 @@ def _json(path):
 
 def test_every_model_has_its_evaluation_files(pipeline: Project):
     ev = pipeline.results / "eval"
+    test_pairs = _json(pipeline.results / "data" / "filter_report.json")["splits"]["test"]
     for m in MODELS:
         pref = _json(ev / m / "preference.json")
-        assert pref["pairs"] == 24 and 0 <= pref["accuracy"] <= 1 and {"accuracy", "margin", "pairs"} <= set(pref)
+        assert (
+            pref["pairs"] == test_pairs and 0 <= pref["accuracy"] <= 1 and {"accuracy", "margin", "pairs"} <= set(pref)
+        )
         demo = _json(ev / m / "demo.json")
-        assert demo["scores"]["prefkd_pref_mc"]["samples"] == 24
+        assert demo["scores"]["prefkd_pref_mc"]["samples"] == test_pairs
         assert demo["lm_eval"]["results"]["prefkd_pref_mc"]
     # the student SFT is its own reference: every pair ties
     assert _json(ev / "student-sft" / "preference.json")["accuracy"] == 0.5
@@ -60,6 +63,12 @@ def test_every_model_has_its_evaluation_files(pipeline: Project):
         assert reward["wins"] + reward["ties"] + reward["losses"] == 6
     assert _json(ev / "student-sft" / "reward.json")["ties"] == 6
     assert not (ev / "teacher-sft" / "reward.json").exists()
+
+
+def test_lm_eval_keeps_its_dataset_cache_under_the_experiment(pipeline: Project):
+    """lm-eval's datasets cache goes to results/<exp>/cache/datasets, not ~/.cache (issue 10, item 9)."""
+    cache = pipeline.results / "cache" / "datasets"
+    assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
 
 
 def test_report_numbers_equal_the_evaluation_jsons(pipeline: Project):

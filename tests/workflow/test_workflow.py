@@ -73,7 +73,9 @@ class Project:
 
     def shards(self, split: str | None = None) -> list[Path]:
         splits = [split] if split else SPLITS
-        return [self.results / "tokens" / s / f"shard-{k}-of-{SHARDS}.arrow" for s in splits for k in range(1, SHARDS + 1)]
+        return [
+            self.results / "tokens" / s / f"shard-{k}-of-{SHARDS}.arrow" for s in splits for k in range(1, SHARDS + 1)
+        ]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -137,20 +139,51 @@ CONFIG_CHOICES = [
 ]
 
 
+def hub_ids(config: dict) -> list[str]:
+    """The Hugging Face ids a config names (models, tokenizers, the reward judge)."""
+    names = [config[role].get(key) for role in ("teacher", "student") for key in ("model", "tokenizer")]
+    names.append(config.get("evaluation", {}).get("reward", {}).get("judge"))
+    return [n for n in names if n and not n.startswith("builtin:") and n != "implicit" and n.count("/") == 1]
+
+
+def fake_hub_cache(hf_home: Path, repo_ids: list[str]) -> None:
+    """Hugging Face cache entries (config.json + tokenizer.json) for offline DAG checks of real configs."""
+    for repo_id in repo_ids:
+        repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / "0000000000000000000000000000000000000000"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json"):
+            (snapshot / name).write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(snapshot.name)
+
+
 @pytest.mark.parametrize("configfile", CONFIG_CHOICES)
-def test_dry_run_and_lint(project: Project, configfile: str):
+def test_dry_run_and_lint(project: Project, configfile: str, tmp_path: Path):
     args = [] if configfile == "config.yaml" else ["--configfile", configfile]
-    out = project.snakemake("-n", *args)
-    counts = job_counts(out)
-    assert counts.get("alignment_stats") == 1, out[-3000:]
-    shards = yaml.safe_load((project.root / configfile).read_text())["tokenize"]["shards"]
-    assert counts.get("tokenize_align") == 3 * shards
-    assert counts.get("tokenizer") == 2
-    if "leaderboard_ifeval" in (project.root / configfile).read_text() and importlib.util.find_spec("langdetect") is None:
-        # a missing lm-eval extra is said when the DAG is built, not hours later in the evaluation jobs
-        assert "pip install 'lm-eval[ifeval]'" in out
-    lint = project.snakemake("--lint", *args)
-    assert "in a good condition" in lint, lint[-3000:]
+    # the real configs name hub models, which must be cached while offline: give them a cache
+    fake_hub_cache(tmp_path / "hf", hub_ids(yaml.safe_load((project.root / configfile).read_text())))
+    saved = project.env.get("HF_HOME")
+    project.env["HF_HOME"] = str(tmp_path / "hf")
+    try:
+        out = project.snakemake("-n", *args)
+        counts = job_counts(out)
+        assert counts.get("alignment_stats") == 1, out[-3000:]
+        shards = yaml.safe_load((project.root / configfile).read_text())["tokenize"]["shards"]
+        assert counts.get("tokenize_align") == 3 * shards
+        assert counts.get("tokenizer") == 2
+        if (
+            "leaderboard_ifeval" in (project.root / configfile).read_text()
+            and importlib.util.find_spec("langdetect") is None
+        ):
+            # a missing lm-eval extra is said when the DAG is built, not hours later in the evaluation jobs
+            assert "pip install 'lm-eval[ifeval]'" in out
+        lint = project.snakemake("--lint", *args)
+        assert "in a good condition" in lint, lint[-3000:]
+    finally:
+        project.env.pop("HF_HOME")
+        if saved is not None:
+            project.env["HF_HOME"] = saved
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,7 +212,7 @@ def test_data_stages_produce_their_artifacts(built: Project):
         for path in built.shards(split):
             table = read_shard(path)
             got += table.column("pair_id").to_pylist()
-        # the shards of a split partition its pairs (the demo drops none)
+        # the shards of a split partition its pairs
         assert sorted(got) == sorted(want)
         assert stats[split]["pairs_out"] == len(got)
         total += len(got)
@@ -188,10 +221,10 @@ def test_data_stages_produce_their_artifacts(built: Project):
 
 
 def test_every_shard_row_satisfies_the_span_invariants(built: Project):
-    from prefkd.core.align import ByteVocab
-    from prefkd.io.shards import read_shard
-    from prefkd.data.spans import check_shard_row
     from prefkd.assets.tokenizers import load_tokenizer
+    from prefkd.core.align import ByteVocab
+    from prefkd.data.spans import check_shard_row
+    from prefkd.io.shards import read_shard
 
     teacher = load_tokenizer(built.results / "tokenizers" / "teacher")
     student = load_tokenizer(built.results / "tokenizers" / "student")
@@ -209,7 +242,8 @@ def test_every_shard_row_satisfies_the_span_invariants(built: Project):
                 checked += 1
                 if found:
                     problems.append((path.name, row["pair_id"], found[:3]))
-    assert checked == SMALL_CONFIG["data"]["demo_pairs"]
+    report = json.loads((built.results / "data" / "filter_report.json").read_text())
+    assert checked == report["kept"]
     assert not problems, problems[:5]
 
 
@@ -275,3 +309,32 @@ def test_same_config_gives_byte_identical_shards(built: Project):
         assert path.read_bytes() == data, f"{path.name} changed on a rerun with the same config"
     assert (built.results / "stats" / "alignment.json").read_bytes() == stats_before
     assert nothing_to_do(built.dry_run())
+
+
+def test_a_changed_shard_stops_its_reader_with_one_sentence(built: Project):
+    """Overwritten token ids (file size and mtime kept, so Snakemake sees nothing) stop the job that reads
+    the shard with one sentence naming it, instead of flowing into later stages (issue 10, item 3)."""
+    import numpy as np
+
+    from prefkd.io.shards import read_shard
+
+    path = built.shards("train")[0]
+    original, st = path.read_bytes(), path.stat()
+    ids = read_shard(path).column("student_chosen_input_ids")[0].as_py()
+    at = original.find(np.asarray(ids[2:6], dtype="<i4").tobytes())  # token ids of the first pair
+    assert at > 0
+    data = bytearray(original)
+    data[at : at + 16] = np.full(4, 7, dtype="<i4").tobytes()
+    try:
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert nothing_to_do(built.dry_run())  # invisible to Snakemake's own checks
+        out = built.snakemake("--forcerun", "alignment_stats", "--cores", "1", "--configfile", CONFIG_FILE, check=False)
+        log = (built.results / "logs" / "alignment_stats.log").read_text()
+        assert str(path.relative_to(built.root)) in log and "\n" not in log.strip().splitlines()[-1]
+        assert "Traceback" not in log, log
+        assert "alignment_stats" in out and "Error" in out
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert nothing_to_do(built.dry_run()) or built.run()

@@ -27,10 +27,14 @@ from prefkd.evaluation.settings import (
     WinrateSettings,
 )
 from prefkd.io.config import validate_config
+from prefkd.preflight import accelerate_config_path, check_environment
 from prefkd.training.settings import SignalSettings, TrainSettings
+
+PROJECT_ROOT = Path(workflow.basedir).parent
 
 try:
     config = validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    check_environment(config, PROJECT_ROOT)  # what the config names exists here: found now, not hours later
 except PrefkdError as exc:
     sys.stderr.write(f"prefkd config error: {exc}\n")
     raise SystemExit(1)
@@ -122,11 +126,7 @@ def neg_model(role):
 
 
 def accelerate_config():
-    name = config["train"]["accelerate"]
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml", ".json"):
-        return str(path)
-    return str(Path(workflow.basedir).parent / "configs" / "accelerate" / f"{name}.yaml")
+    return str(accelerate_config_path(config["train"]["accelerate"], PROJECT_ROOT))
 
 
 def launch_prefix(wildcards, threads):

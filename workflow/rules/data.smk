@@ -4,19 +4,19 @@
 rule tokenizer:
     output:
         directory(f"{R}/tokenizers/{{role}}"),
+    log:
+        f"{R}/logs/tokenizer-{{role}}.log",
+    wildcard_constraints:
+        role="teacher|student",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=20,
     params:
         flags=lambda w: stage_flags(TokenizerSettings, {"role": w.role}, source=tokenizer_source(w.role)),
         # a changed builtin chat template must rebuild the tokenizer (params changes rerun a rule)
         template_digest=lambda w: template_digest(w.role),
-    wildcard_constraints:
-        role="teacher|student",
-    log:
-        f"{R}/logs/tokenizer-{{role}}.log",
-    resources:
-        mem_mb=4000,
-        runtime=20,
-    conda:
-        ENV
     shell:
         "prefkd tokenizer --out {output} {params.flags} > {log} 2>&1"
 
@@ -24,15 +24,15 @@ rule tokenizer:
 rule demo_data:
     output:
         f"{R}/raw/demo_pairs.jsonl",
-    params:
-        flags=stage_flags(DemoDataSettings),
     log:
         f"{R}/logs/demo_data.log",
+    conda:
+        ENV
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        flags=stage_flags(DemoDataSettings),
     shell:
         "prefkd demo-data --out {output} {params.flags} > {log} 2>&1"
 
@@ -44,17 +44,17 @@ rule prepare:
     output:
         expand(f"{R}/data/{{split}}.parquet", split=SPLITS),
         report=f"{R}/data/filter_report.json",
+    log:
+        f"{R}/logs/prepare.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         source=source_argument,
         out_dir=lambda w, output: Path(output.report).parent,
         flags=stage_flags(PrepareSettings),
-    log:
-        f"{R}/logs/prepare.log",
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        ENV
     shell:
         "prefkd prepare --source {params.source} --out-dir {params.out_dir} --tokenizer {input.tokenizers}"
         " {params.flags} > {log} 2>&1"

@@ -9,11 +9,11 @@ rule student_sft_baseline:
         directory(f"{R}/students/sft"),
     log:
         f"{R}/logs/students/sft.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     shell:
         "cp -r {input} {output} > {log} 2>&1"
 
@@ -28,20 +28,20 @@ rule distill:
         extra=lambda w: method_extra_inputs(w.method),
     output:
         directory(f"{R}/students/{{method}}"),
+    log:
+        f"{R}/logs/students/{{method}}.log",
+    wildcard_constraints:
+        method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=600,
     params:
         launch=launch_prefix,
         # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
         flags=lambda w: distill_flags(w.method),
-    wildcard_constraints:
-        method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
-    threads: 2
-    log:
-        f"{R}/logs/students/{{method}}.log",
-    resources:
-        mem_mb=16000,
-        runtime=600,
-    conda:
-        ENV
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens}"
         " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals} {params.flags} > {log} 2>&1"

@@ -15,16 +15,16 @@ rule eval_task_data:
         f"{R}/data/test.parquet",
     output:
         directory(f"{R}/eval/tasks"),
-    params:
-        flags=stage_flags(EvalDataSettings),
-        tasks_digest=local_tasks_digest(),
     log:
         f"{R}/logs/eval/tasks.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        flags=stage_flags(EvalDataSettings),
+        tasks_digest=local_tasks_digest(),
     shell:
         "prefkd eval-data --data {input} --out {output} {params.flags} > {log} 2>&1"
 
@@ -36,23 +36,26 @@ rule lm_eval:
         tasks=lambda w: suite_task_data(w.suite),
     output:
         f"{R}/eval/{{model}}/{{suite}}.json",
-    params:
-        flags=lambda w: stage_flags(LmEvalSettings, name=w.model, suite_name=w.suite, suite=suite_json(w.suite)),
-        task_data=lambda w, input: f"--task-data {input.tasks}" if input.tasks else "",
-        tasks_digest=lambda w: local_tasks_digest() if suite_task_data(w.suite) else "",
+    log:
+        f"{R}/logs/eval/{{model}}-{{suite}}.log",
     wildcard_constraints:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
         suite="|".join(re.escape(s) for s in SUITES) or "none",
+    conda:
+        ENV
     threads: 2
-    log:
-        f"{R}/logs/eval/{{model}}-{{suite}}.log",
     resources:
         mem_mb=16000,
         runtime=600,
-    conda:
-        ENV
+    params:
+        flags=lambda w: stage_flags(LmEvalSettings, name=w.model, suite_name=w.suite, suite=suite_json(w.suite)),
+        task_data=lambda w, input: f"--task-data {input.tasks}" if input.tasks else "",
+        datasets_cache=f"{R}/cache/datasets",
+        tasks_digest=lambda w: local_tasks_digest() if suite_task_data(w.suite) else "",
     shell:
-        "OMP_NUM_THREADS={threads} prefkd lm-eval --model {input.model} {params.task_data} --out {output}"
+        # lm-eval's dataset cache (datasets' arrow files of every task) stays under the experiment
+        "OMP_NUM_THREADS={threads} HF_DATASETS_CACHE={params.datasets_cache}"
+        " prefkd lm-eval --model {input.model} {params.task_data} --out {output}"
         " {params.flags} > {log} 2>&1"
 
 
@@ -64,20 +67,20 @@ rule preference_eval:
         ref=lambda w: dpo_ref_shards(eval_role(w.model), "test"),
     output:
         f"{R}/eval/{{model}}/preference.json",
+    log:
+        f"{R}/logs/eval/{{model}}-preference.log",
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
     params:
         flags=lambda w: stage_flags(
             PreferenceEvalSettings, name=w.model, role=eval_role(w.model), reference_name=f"{eval_role(w.model)}-sft"
         ),
-    wildcard_constraints:
-        model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
-    threads: 2
-    log:
-        f"{R}/logs/eval/{{model}}-preference.log",
-    resources:
-        mem_mb=16000,
-        runtime=120,
-    conda:
-        ENV
     shell:
         "OMP_NUM_THREADS={threads} prefkd preference-eval --model {input.model} --tokens {input.tokens}"
         " --ref-signals {input.ref} --out {output} {params.flags} > {log} 2>&1"
@@ -91,18 +94,18 @@ rule generate_and_score:
         judge=reward_judge_models(),
     output:
         f"{R}/eval/{{model}}/generations.jsonl",
-    params:
-        flags=stage_flags(GenerateSettings, max_prompts=EVAL["reward"]["max_prompts"], **judge_models()),
-    wildcard_constraints:
-        model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
-    threads: 2
     log:
         f"{R}/logs/eval/{{model}}-generations.log",
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
+    conda:
+        ENV
+    threads: 2
     resources:
         mem_mb=16000,
         runtime=600,
-    conda:
-        ENV
+    params:
+        flags=stage_flags(GenerateSettings, max_prompts=EVAL["reward"]["max_prompts"], **judge_models()),
     shell:
         "OMP_NUM_THREADS={threads} prefkd generate --model {input.model} --data {input.data} --out {output}"
         " {params.flags} > {log} 2>&1"
@@ -114,17 +117,19 @@ rule reward_winrate:
         baseline=f"{R}/eval/student-sft/generations.jsonl",
     output:
         f"{R}/eval/{{model}}/reward.json",
-    params:
-        flags=lambda w: stage_flags(WinrateSettings, model=w.model, baseline_name="student-sft", judge_name=reward_judge_name()),
-    wildcard_constraints:
-        model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     log:
         f"{R}/logs/eval/{{model}}-reward.log",
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        flags=lambda w: stage_flags(
+            WinrateSettings, model=w.model, baseline_name="student-sft", judge_name=reward_judge_name()
+        ),
     shell:
         "prefkd winrate --scores {input.scores} --baseline {input.baseline} --out {output} {params.flags} > {log} 2>&1"
 
@@ -135,6 +140,7 @@ rule report:
         evals=report_inputs(),
         alignment=f"{R}/stats/alignment.json",
         weights=f"{R}/stats/weights.json",
+        filters=f"{R}/data/filter_report.json",
         runs=list(report_runs().values()),
     output:
         md=report(f"{R}/report.md", caption="../report/report_md.rst", category="Report"),
@@ -144,6 +150,13 @@ rule report:
             caption="../report/plots.rst",
             category="Figures",
         ),
+    log:
+        f"{R}/logs/report.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         flags=stage_flags(
             ReportSettings,
@@ -151,13 +164,7 @@ rule report:
             suite=SUITES,
             run=[f"{name}={path}" for name, path in report_runs().items()],
         ),
-    log:
-        f"{R}/logs/report.log",
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        ENV
     shell:
-        "prefkd report --alignment {input.alignment} --weights {input.weights} --out {output.md} --plots {output.plots}"
+        "prefkd report --alignment {input.alignment} --weights {input.weights} --filters {input.filters}"
+        " --out {output.md} --plots {output.plots}"
         " {params.flags} > {log} 2>&1"

@@ -8,17 +8,17 @@ rule tokenize_align:
         student=f"{R}/tokenizers/student",
     output:
         f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
-    params:
-        flags=lambda w: stage_flags(TokenizeSettings, **config["tokenize"] | scatter_shard(w.scatteritem)),
-    wildcard_constraints:
-        split="train|valid|test",
     log:
         f"{R}/logs/tokenize/{{split}}-{{scatteritem}}.log",
+    wildcard_constraints:
+        split="train|valid|test",
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        ENV
+    params:
+        flags=lambda w: stage_flags(TokenizeSettings, **config["tokenize"] | scatter_shard(w.scatteritem)),
     shell:
         "TOKENIZERS_PARALLELISM=false prefkd tokenize --data {input.data} --out {output}"
         " --teacher {input.teacher} --student {input.student} {params.flags} > {log} 2>&1"
@@ -26,22 +26,17 @@ rule tokenize_align:
 
 rule alignment_stats:
     input:
-        **{
-            split: gather.shards(f"{R}/tokens/{split}/shard-{{scatteritem}}.arrow")
-            for split in SPLITS
-        },
+        **{split: gather.shards(f"{R}/tokens/{split}/shard-{{scatteritem}}.arrow") for split in SPLITS},
     output:
         f"{R}/stats/alignment.json",
-    params:
-        shard_args=lambda w, input: " ".join(
-            f"{split}={path}" for split in SPLITS for path in input[split]
-        ),
     log:
         f"{R}/logs/alignment_stats.log",
+    conda:
+        ENV
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        shard_args=lambda w, input: " ".join(f"{split}={path}" for split in SPLITS for path in input[split]),
     shell:
         "prefkd alignment-stats --out {output} --shards {params.shard_args} > {log} 2>&1"

@@ -7,17 +7,17 @@ rule model_init:
         tokenizer=f"{R}/tokenizers/{{role}}",
     output:
         directory(f"{R}/models/{{role}}-init"),
-    params:
-        flags=lambda w: stage_flags(ModelSettings, {"role": w.role}, source=config[w.role]["model"]),
-    wildcard_constraints:
-        role="teacher|student",
     log:
         f"{R}/logs/model-init-{{role}}.log",
+    wildcard_constraints:
+        role="teacher|student",
+    conda:
+        ENV
     resources:
         mem_mb=16000,
         runtime=60,
-    conda:
-        ENV
+    params:
+        flags=lambda w: stage_flags(ModelSettings, {"role": w.role}, source=config[w.role]["model"]),
     shell:
         "prefkd model --tokenizer {input.tokenizer} --out {output} {params.flags} > {log} 2>&1"
 
@@ -30,20 +30,20 @@ rule sft:
         tokens=lambda w: token_shards("train", reversed_=w.kind == "sft-rejected"),
     output:
         directory(f"{R}/models/{{role}}-{{kind}}"),
-    params:
-        launch=launch_prefix,
-        flags=lambda w: sft_flags(w.role),
+    log:
+        f"{R}/logs/{{kind}}-{{role}}.log",
     wildcard_constraints:
         role="teacher|student",
         kind="sft|sft-rejected",
+    conda:
+        ENV
     threads: 2
-    log:
-        f"{R}/logs/{{kind}}-{{role}}.log",
     resources:
         mem_mb=16000,
         runtime=600,
-    conda:
-        ENV
+    params:
+        launch=launch_prefix,
+        flags=lambda w: sft_flags(w.role),
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} {params.flags} > {log} 2>&1"
 
@@ -55,16 +55,16 @@ rule reverse:
         f"{R}/{{prefix}}/{{split}}/shard-{{scatteritem}}.arrow",
     output:
         f"{R}/{{prefix}}-reversed/{{split}}/shard-{{scatteritem}}.arrow",
+    log:
+        f"{R}/logs/reverse/{{prefix}}-{{split}}-{{scatteritem}}.log",
     wildcard_constraints:
         prefix="tokens|signals/dpo-ref-(teacher|student)",
         split="train|valid|test",
-    log:
-        f"{R}/logs/reverse/{{prefix}}-{{split}}-{{scatteritem}}.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     shell:
         "prefkd reverse --in {input} --out {output} > {log} 2>&1"
 
@@ -77,19 +77,19 @@ rule dpo_reference:
         ref=lambda w: sft_model(w.role),
     output:
         f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{{scatteritem}}.arrow",
-    params:
-        flags=lambda w: dpo_reference_flags(w.role),
+    log:
+        f"{R}/logs/signals/dpo-ref-{{role}}-{{split}}-{{scatteritem}}.log",
     wildcard_constraints:
         role="teacher|student",
         split="train|valid|test",
+    conda:
+        ENV
     threads: 2
-    log:
-        f"{R}/logs/signals/dpo-ref-{{role}}-{{split}}-{{scatteritem}}.log",
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        flags=lambda w: dpo_reference_flags(w.role),
     shell:
         "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} --reference {input.ref}"
         " {params.flags} > {log} 2>&1"
@@ -105,20 +105,20 @@ rule dpo:
         eval_signals=lambda w: dpo_ref_shards(w.role, "valid", reversed_=w.direction == "neg"),
     output:
         directory(f"{R}/models/{{role}}-dpo-{{direction}}"),
-    params:
-        launch=launch_prefix,
-        flags=lambda w: dpo_flags(w.role, w.direction),
+    log:
+        f"{R}/logs/dpo-{{role}}-{{direction}}.log",
     wildcard_constraints:
         role="teacher|student",
         direction="pos|neg",
+    conda:
+        ENV
     threads: 2
-    log:
-        f"{R}/logs/dpo-{{role}}-{{direction}}.log",
     resources:
         mem_mb=16000,
         runtime=600,
-    conda:
-        ENV
+    params:
+        launch=launch_prefix,
+        flags=lambda w: dpo_flags(w.role, w.direction),
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} --signals {input.signals}"
         " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals} {params.flags} > {log} 2>&1"
@@ -131,20 +131,20 @@ rule signals:
         models=lambda w: signal_models(w.sigset),
     output:
         f"{R}/signals/{{sigset}}/{{split}}/shard-{{scatteritem}}.arrow",
-    params:
-        # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
-        flags=lambda w: signal_flags(w.sigset),
+    log:
+        f"{R}/logs/signals/{{sigset}}-{{split}}-{{scatteritem}}.log",
     wildcard_constraints:
         sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
         split="train|valid|test",
+    conda:
+        ENV
     threads: 2
-    log:
-        f"{R}/logs/signals/{{sigset}}-{{split}}-{{scatteritem}}.log",
     resources:
         mem_mb=16000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
+        flags=lambda w: signal_flags(w.sigset),
     shell:
         "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} {params.flags} > {log} 2>&1"
 
@@ -155,19 +155,16 @@ rule weights_stats:
         [p for sigset in SIGNAL_SETS for split in SPLITS for p in signal_shards(sigset, split)],
     output:
         f"{R}/stats/weights.json",
-    params:
-        shard_args=lambda w, input: " ".join(
-            f"{sigset}={path}"
-            for sigset in SIGNAL_SETS
-            for split in SPLITS
-            for path in signal_shards(sigset, split)
-        ),
     log:
         f"{R}/logs/weights-stats.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        shard_args=lambda w, input: " ".join(
+            f"{sigset}={path}" for sigset in SIGNAL_SETS for split in SPLITS for path in signal_shards(sigset, split)
+        ),
     shell:
         "prefkd weights-stats --out {output} --shards {params.shard_args} > {log} 2>&1"

@@ -61,7 +61,19 @@ from prefkd.training.kd.mined import MinED, build_mined_map
 from prefkd.training.kd.uld import ULD
 from prefkd.training.settings import KD_NAMES
 
-__all__ = ["CDM", "DSKD", "KD_NAMES", "NO_ID", "KDLoss", "KDSide", "MinED", "ULD", "build_kd", "build_mined_map", "kd_mix"]
+__all__ = [
+    "CDM",
+    "DSKD",
+    "KD_NAMES",
+    "NO_ID",
+    "KDLoss",
+    "KDSide",
+    "MinED",
+    "ULD",
+    "build_kd",
+    "build_mined_map",
+    "kd_mix",
+]
 
 
 def build_kd(
@@ -92,7 +104,9 @@ def build_kd(
         raise PrefkdError(f"the KD term must be one of {', '.join(KD_NAMES)}, got {name!r}.")
     unknown = sorted(set(options) - allowed[key])
     if unknown:
-        raise PrefkdError(f"the {key} KD term has no option {unknown[0]!r}; its options are: {', '.join(sorted(allowed[key])) or 'none'}.")
+        raise PrefkdError(
+            f"the {key} KD term has no option {unknown[0]!r}; its options are: {', '.join(sorted(allowed[key])) or 'none'}."
+        )
     if key == "uld":
         return ULD(temperature)
     if key in ("mined", "cdm") and (teacher_tokenizer is None or student_tokenizer is None):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from prefkd.errors import PrefkdError
 
-
 NO_ID = -1
 
 
@@ -74,5 +73,3 @@ def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) 
     logp = F.log_softmax(p_logits.float() / temperature, dim=-1)
     logq = F.log_softmax(q_logits.float() / temperature, dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
-
-

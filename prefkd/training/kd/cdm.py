@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefkd.training.kd.base import KDLoss, KDSide, NO_ID, zero_loss
+from prefkd.training.kd.base import NO_ID, KDLoss, KDSide, zero_loss
 from prefkd.training.kd.pairing import aligned_unit_predictions
 from prefkd.training.kd.strings import TokenizerStrings, vocab_list
 
@@ -28,7 +28,9 @@ def _padded_strings(pieces: Sequence[bytes], drop: Iterable[int], width: int) ->
     return torch.from_numpy(mat), torch.from_numpy(lens)
 
 
-def _exact_map(src: Sequence[bytes], dst: Sequence[bytes], src_special: set[int], dst_special: set[int]) -> torch.Tensor:
+def _exact_map(
+    src: Sequence[bytes], dst: Sequence[bytes], src_special: set[int], dst_special: set[int]
+) -> torch.Tensor:
     index: dict[bytes, int] = {}
     for i, piece in enumerate(dst):
         if piece and i not in dst_special:
@@ -107,12 +109,23 @@ class CDM(KDLoss):
             s2t[s.eos_id] = t.eos_id
         tmat, tlen = _padded_strings(t.pieces, t.special, max_token_bytes)
         smat, slen = _padded_strings(s.pieces, s.special, max_token_bytes)
-        for name, value in (("t2s", t2s), ("s2t", s2t), ("t_mat", tmat), ("t_len", tlen), ("s_mat", smat), ("s_len", slen)):
+        for name, value in (
+            ("t2s", t2s),
+            ("s2t", s2t),
+            ("t_mat", tmat),
+            ("t_len", tlen),
+            ("s_mat", smat),
+            ("s_len", slen),
+        ):
             self.register_buffer(name, value, persistent=False)
 
     @classmethod
     def from_tokenizers(cls, teacher_tokenizer, student_tokenizer, **kwargs) -> "CDM":
-        return cls(TokenizerStrings.from_tokenizer(teacher_tokenizer), TokenizerStrings.from_tokenizer(student_tokenizer), **kwargs)
+        return cls(
+            TokenizerStrings.from_tokenizer(teacher_tokenizer),
+            TokenizerStrings.from_tokenizer(student_tokenizer),
+            **kwargs,
+        )
 
     @classmethod
     def from_vocabs(cls, teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, int], **kwargs) -> "CDM":
@@ -154,8 +167,10 @@ class CDM(KDLoss):
             for start in range(0, keys.numel(), self.chunk):
                 ps_, pd_ = pair_src[start : start + self.chunk], pair_dst[start : start + self.chunk]
                 values[start : start + self.chunk] = normalized_edit_distance(
-                    self._lookup(src_mat, ps_, -1), self._lookup(src_len, ps_, -1),
-                    self._lookup(dst_mat, pd_, -1), self._lookup(dst_len, pd_, -1),
+                    self._lookup(src_mat, ps_, -1),
+                    self._lookup(src_len, ps_, -1),
+                    self._lookup(dst_mat, pd_, -1),
+                    self._lookup(dst_len, pd_, -1),
                 )
             dist[possible] = values[inverse]
         best, j = dist.min(dim=-1)  # first minimum: the most probable of equally close candidates
@@ -174,8 +189,12 @@ class CDM(KDLoss):
         t_top = zt.topk(k, dim=-1).indices
         s_top = zs.detach().topk(k, dim=-1).indices
         with torch.no_grad():
-            fwd = self._map(t_top, s_top, self.t2s, self.t_mat, self.t_len, self.s_mat, self.s_len)  # teacher cands -> student ids
-            rev = self._map(s_top, t_top, self.s2t, self.s_mat, self.s_len, self.t_mat, self.t_len)  # student cands -> teacher ids
+            fwd = self._map(
+                t_top, s_top, self.t2s, self.t_mat, self.t_len, self.s_mat, self.s_len
+            )  # teacher cands -> student ids
+            rev = self._map(
+                s_top, t_top, self.s2t, self.s_mat, self.s_len, self.t_mat, self.t_len
+            )  # student cands -> teacher ids
             vocab_s = zs.shape[-1]
             key_f = torch.where(fwd >= 0, t_top * vocab_s + fwd, torch.full_like(fwd, -1))
             key_r = torch.where(rev >= 0, rev * vocab_s + s_top, torch.full_like(rev, -2))
@@ -199,5 +218,3 @@ class CDM(KDLoss):
         kl = torch.where(valid, logp.exp() * (logp - logq), torch.zeros_like(logp)).sum(-1).clamp_min(0.0)
         loss = kl.mean() * self.temperature**2
         return loss, {"kd": float(loss.detach()), "kd_positions": int(keep.sum()), "kd_matched": matched}
-
-

@@ -93,7 +93,12 @@ class DSKD(KDLoss):
         self.t2s = torch.nn.Linear(dt, ds)
         self.s2t = torch.nn.Linear(ds, dt)
         # a plain tuple: not registered, so neither moved, saved nor returned by .parameters()
-        self._frozen = (student_head, teacher_head, _embedder(student_embed, student_head), _embedder(teacher_embed, teacher_head))
+        self._frozen = (
+            student_head,
+            teacher_head,
+            _embedder(student_embed, student_head),
+            _embedder(teacher_embed, teacher_head),
+        )
 
     @staticmethod
     def _std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +149,9 @@ class DSKD(KDLoss):
         correct = (t2s_logits.argmax(-1) == targets).float()
         zs = student.logits.to(dev)[ms]
         if zs.shape[-1] != t2s_logits.shape[-1]:
-            raise PrefkdError(f"the student head gives {t2s_logits.shape[-1]} logits but the student logits have {zs.shape[-1]}.")
+            raise PrefkdError(
+                f"the student head gives {t2s_logits.shape[-1]} logits but the student logits have {zs.shape[-1]}."
+            )
         gate = correct if self.accuracy_gate else torch.ones_like(correct)
         t2s_kl = (kl_rows(t2s_logits.detach(), zs, self.temperature) * gate).mean() * self.temperature**2
 
@@ -153,7 +160,9 @@ class DSKD(KDLoss):
         s2t_logits = _head_logits(t_head, s2t_h[mt])  # [Nt, Vt]
         zt = teacher.logits.detach().to(dev)[mt]
         if zt.shape[-1] != s2t_logits.shape[-1]:
-            raise PrefkdError(f"the teacher head gives {s2t_logits.shape[-1]} logits but the teacher logits have {zt.shape[-1]}.")
+            raise PrefkdError(
+                f"the teacher head gives {s2t_logits.shape[-1]} logits but the teacher logits have {zt.shape[-1]}."
+            )
         s2t_kl = kl_rows(zt, s2t_logits, self.temperature).mean() * self.temperature**2
 
         loss = t2s_ce + t2s_kl + s2t_kl
@@ -165,5 +174,3 @@ class DSKD(KDLoss):
             "kd_t2s_acc": float(correct.mean()),
         }
         return loss, metrics
-
-

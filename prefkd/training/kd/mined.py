@@ -13,12 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefkd.core.align import ByteVocab
 from prefkd.errors import PrefkdError
-from prefkd.training.kd.base import KDLoss, KDSide, NO_ID, zero_loss
+from prefkd.training.kd.base import NO_ID, KDLoss, KDSide, zero_loss
 from prefkd.training.kd.pairing import aligned_unit_predictions
-from prefkd.training.kd.strings import TokenizerStrings, normalize_piece, vocab_list
-
+from prefkd.training.kd.strings import TokenizerStrings, vocab_list
 
 MINED_ALGORITHM_VERSION = "mined-v1"
 _MINED_CACHE: dict[str, torch.Tensor] = {}
@@ -195,7 +193,9 @@ def _special_maps(teacher: TokenizerStrings, student: TokenizerStrings) -> dict[
     special; any other special (BOS, PAD, control tokens, which carry ~no probability inside a
     response) -> the student EOS (they all end or interrupt the response text)."""
     if student.eos_id is None:
-        raise PrefkdError("the student tokenizer has no EOS token; MinED needs one to map the teacher's special tokens.")
+        raise PrefkdError(
+            "the student tokenizer has no EOS token; MinED needs one to map the teacher's special tokens."
+        )
     by_string = {student.pieces[i]: i for i in sorted(student.special) if i < len(student.pieces)}
     fixed = {}
     for tid in sorted(teacher.special):
@@ -245,7 +245,9 @@ class MinED(KDLoss):
     def project(self, teacher_logits: torch.Tensor, student_vocab: int) -> torch.Tensor:
         """Teacher probabilities (rows of ``teacher_logits``) moved onto the student vocabulary: [N, V_s]."""
         if self.max_student_id >= student_vocab:
-            raise PrefkdError(f"the MinED map points at student id {self.max_student_id} but the student has {student_vocab} logits.")
+            raise PrefkdError(
+                f"the MinED map points at student id {self.max_student_id} but the student has {student_vocab} logits."
+            )
         mapping = self.teacher_to_student.to(teacher_logits.device)
         v = min(teacher_logits.shape[-1], mapping.numel())
         mapping = mapping[:v]
@@ -264,5 +266,3 @@ class MinED(KDLoss):
         kl = (torch.xlogy(p, p) - p * logq).sum(-1).clamp_min(0.0)
         loss = kl.mean() * self.temperature**2
         return loss, {"kd": float(loss.detach()), "kd_positions": int(b.numel())}
-
-

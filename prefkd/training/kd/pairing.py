@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from prefkd.training.kd.base import KDSide, check_pair, prediction_mask
@@ -73,5 +72,3 @@ def ordered_response_predictions(student: KDSide, teacher: KDSide):
     keep = torch.arange(width, device=device)[None, :] < n[:, None]
     b, i = keep.nonzero(as_tuple=True)
     return b, ts[b, i], tt[b, i]
-
-

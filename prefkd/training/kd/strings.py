@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-
 from prefkd.core.align import ByteVocab
 
 
@@ -59,5 +58,3 @@ class TokenizerStrings:
 
 
 _STRINGS_CACHE: dict[int, tuple[object, TokenizerStrings]] = {}
-
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from prefkd.training.kd.base import KDLoss, KDSide, zero_loss
@@ -39,5 +38,3 @@ class ULD(KDLoss):
         dist = dist + (s.sum(-1) - s_top.sum(-1)) + (t.sum(-1) - t_top.sum(-1))
         loss = dist.mean()
         return loss, {"kd": float(loss.detach()), "kd_positions": int(b.numel())}
-
-
