@@ -45,3 +45,4 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make demo" in readme
     assert "make test" in ci
+    assert ci.index("make lint") < ci.index("make test"), "CI lints before it tests"

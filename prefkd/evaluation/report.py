@@ -534,6 +534,17 @@ def _training_section(runs: dict[str, Path], metrics: dict[str, list[dict]], plo
 # ---------------------------------------------------------------------------
 
 
+def _images(rows: list[dict], labels: list[str], metrics: dict, weight_stats: dict | None, align: dict) -> dict:
+    """The report's figures as PNG bytes (None where there is nothing to draw)."""
+    return {
+        "benchmarks": plot_benchmarks(rows, labels),
+        "training_curves": plot_training(metrics),
+        "reward_accuracy": plot_reward_accuracy(metrics),
+        "weight_histograms": plot_weight_histograms(weight_stats) if weight_stats else None,
+        "span_sizes": plot_span_sizes(align),
+    }
+
+
 def build_report(
     experiment: str,
     models: dict[str, Path],
@@ -568,14 +579,7 @@ def build_report(
     bench = {m: benchmark_row(scores[m], columns) for m in models}
     main, ablations = order_models(list(models))
 
-    rows_for_plot = [_plot_row(m, bench) for m in main + ablations]
-    images = {
-        "benchmarks": plot_benchmarks(rows_for_plot, labels),
-        "training_curves": plot_training(metrics),
-        "reward_accuracy": plot_reward_accuracy(metrics),
-        "weight_histograms": plot_weight_histograms(weight_stats) if weight_stats else None,
-        "span_sizes": plot_span_sizes(align),
-    }
+    images = _images([_plot_row(m, bench) for m in main + ablations], labels, metrics, weight_stats, align)
     rel = Path(os.path.relpath(plots_dir, out_md.parent))
     plots = {name: (rel / f"{name}.png").as_posix() if data else None for name, data in images.items()}
 

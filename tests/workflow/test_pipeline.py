@@ -155,3 +155,30 @@ def test_a_training_setting_reruns_its_stage_downstream_only(pipeline: Project, 
         assert counts.get(rule) == n, counts
     assert counts.get("report") == 1, counts
     assert not kept & set(counts), counts
+
+
+def test_a_changed_input_never_resumes_an_old_checkpoint(pipeline: Project):
+    """Issue 10, item 1, through Snakemake: with `train.save_every` > 0 a finished student keeps no
+    checkpoint, and after `signals.k` changes the CTPD student trains from scratch on the new signals
+    (before, it resumed the old run's last checkpoint and trained one step on the new signals)."""
+    target = f"results/{PIPELINE_CONFIG['experiment']}/students/ctpd"
+    ckpt = pipeline.root / f"{target}.checkpoints"
+    # upstream jobs keep their outputs: only mtimes trigger reruns, the signals and the student are forced
+    only = ("--rerun-triggers", "mtime", "--forcerun", "signals", "distill")
+    config = copy.deepcopy(PIPELINE_CONFIG)
+    config.setdefault("train", {})["save_every"] = 2
+    try:
+        pipeline.write_config(config)
+        pipeline.run(target, *only)
+        assert not list(ckpt.glob("step-*")), "a finished stage kept its checkpoints"
+        config.setdefault("signals", {})["k"] = 2.0
+        pipeline.write_config(config)
+        pipeline.run(target, *only)
+        log = (pipeline.results / "logs" / "students" / "ctpd.log").read_text()
+        assert not [line for line in log.splitlines() if line.startswith("resuming from")], log[-2000:]
+        steps = [
+            json.loads(line)["step"] for line in (pipeline.root / target / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert steps == list(range(1, len(steps) + 1))  # every step trained by this run
+    finally:
+        pipeline.write_config(PIPELINE_CONFIG)
