@@ -216,8 +216,12 @@ def _check_finite(table: pa.Table, path: Path) -> None:
 
 
 def shard_stats(path: str | Path) -> dict:
-    """The stats dict stored in a shard's metadata (empty if none)."""
-    raw = (_open(Path(path)).schema.metadata or {}).get(STATS_KEY)
+    """The stats dict stored in a shard's metadata (empty if none), after verifying the whole shard as
+    ``read_shard`` does: statistics of a changed shard must not be reported as its own."""
+    path = Path(path)
+    meta = _open(path).schema.metadata or {}
+    read_shard(path, meta.get(KIND_KEY, b"").decode() or "tokens")
+    raw = meta.get(STATS_KEY)
     return json.loads(raw) if raw else {}
 
 

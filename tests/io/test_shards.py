@@ -61,6 +61,8 @@ def test_overwritten_token_ids_are_caught(shared_tokens, tmp_path):
     with pytest.raises(PrefkdError, match="does not match its checksum") as info:
         read_shard(path, "tokens")
     assert str(path) in str(info.value)
+    with pytest.raises(PrefkdError, match="does not match its checksum"):
+        shard_stats(path)  # what alignment-stats and weights-stats read
 
 
 @pytest.mark.parametrize("where", ["start", "middle", "end"])

@@ -161,6 +161,9 @@ def fake_hub_cache(hf_home: Path, repo_ids: list[str]) -> None:
 @pytest.mark.parametrize("configfile", CONFIG_CHOICES)
 def test_dry_run_and_lint(project: Project, configfile: str, tmp_path: Path):
     args = [] if configfile == "config.yaml" else ["--configfile", configfile]
+    source = yaml.safe_load((project.root / configfile).read_text())["data"]["source"]
+    if source.startswith("../shared/") and not (project.root / source).exists():
+        pytest.skip(f"{configfile} reads {source}, which this machine does not have")
     # the real configs name hub models, which must be cached while offline: give them a cache
     fake_hub_cache(tmp_path / "hf", hub_ids(yaml.safe_load((project.root / configfile).read_text())))
     saved = project.env.get("HF_HOME")
