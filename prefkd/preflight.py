@@ -19,6 +19,7 @@ from prefkd.data.prepare import LOCAL_SUFFIXES
 from prefkd.errors import PrefkdError
 from prefkd.evaluation.lmeval import LOCAL_PREFIX, TASKS_DIR
 from prefkd.evaluation.settings import IMPLICIT
+from prefkd.launch import TRAINING_KINDS, accelerate_settings, check_training_resources
 
 BUILTIN_ACCELERATE = ("single", "ddp", "ddp-cpu", "zero2", "zero3", "fsdp")
 
@@ -77,7 +78,7 @@ def check_data(config: dict) -> None:
 
 
 def accelerate_config_path(name: str, project_root: Path) -> Path:
-    """``train.accelerate``: a name in configs/accelerate/ or a path to a config file."""
+    """``resources.<teacher|student>.accelerate``: a name in configs/accelerate/ or a path to a config file."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml", ".json"):
         return path if path.is_absolute() else project_root / path
@@ -85,13 +86,17 @@ def accelerate_config_path(name: str, project_root: Path) -> Path:
 
 
 def check_accelerate(config: dict, project_root: Path) -> None:
-    name = config["train"]["accelerate"]
-    path = accelerate_config_path(name, project_root)
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in (project_root / "configs" / "accelerate").glob("*.yaml")))
-        raise PrefkdError(
-            f"config key 'train.accelerate' names {name!r}, but {path} does not exist; the shipped ones are: {names}."
-        )
+    """Each training kind's accelerate config exists and fits its resources (processes per GPU, nodes)."""
+    for kind in TRAINING_KINDS:
+        res = config["resources"][kind]
+        path = accelerate_config_path(res["accelerate"], project_root)
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in (project_root / "configs" / "accelerate").glob("*.yaml")))
+            raise PrefkdError(
+                f"config key 'resources.{kind}.accelerate' names {res['accelerate']!r}, but {path} does not exist; "
+                f"the shipped ones are: {names}."
+            )
+        check_training_resources(kind, res, accelerate_settings(path))
 
 
 def check_tasks(config: dict) -> None:

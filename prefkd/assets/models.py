@@ -38,9 +38,12 @@ from prefkd.errors import PrefkdError
 from prefkd.io.files import atomic_dir as _atomic_dir
 
 MODEL_INFO_FILE = "prefkd_model.json"
+# A model dir that points at its weights instead of holding them (a Hub id or a local dir, used in place):
+# the tokenizer files, the config.json and this file naming the source.
+SOURCE_FILE = "prefkd_weights.json"
 
 # Files of a model directory that are not part of its tokenizer.
-_MODEL_FILES = {"config.json", "generation_config.json", MODEL_INFO_FILE}
+_MODEL_FILES = {"config.json", "generation_config.json", MODEL_INFO_FILE, SOURCE_FILE}
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,6 +304,26 @@ def _weights_of(path: Path) -> tuple[bool, bool]:
     return safe, pickle
 
 
+def resolve_attn_implementation(name: str, device: str | None = None) -> str:
+    """``auto`` -> flash_attention_2 when flash-attn is installed and a GPU is used, else sdpa."""
+    import importlib.util
+
+    import torch
+
+    if name != "auto":
+        return name
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def model_source(path: str | Path) -> str:
+    """Where a model dir's weights are: the source its pointer file names, else the dir itself."""
+    pointer = Path(path).expanduser() / SOURCE_FILE
+    if pointer.is_file():
+        return json.loads(pointer.read_text(encoding="utf-8"))["source"]
+    return str(path)
+
+
 def load_model(
     name_or_path: str,
     tokenizer=None,
@@ -308,17 +331,20 @@ def load_model(
     dtype: str = "float32",
     gguf_file: str | None = None,
     allow_pickle: bool = False,
+    attn_implementation: str = "auto",
 ):
     """Load a causal LM from a local model directory or a Hugging Face id (token from ``$HF_TOKEN``).
 
     Local weights must be safetensors (or ``gguf_file`` inside the directory); pickled ``.bin`` weights are
-    refused unless ``allow_pickle``.  With ``tokenizer`` (object or directory), ``check_vocab`` is run.
+    refused unless ``allow_pickle``.  A pointer dir (``prefkd_weights.json``) loads the weights it names.
+    With ``tokenizer`` (object or directory), ``check_vocab`` is run.
     """
     from transformers import AutoModelForCausalLM
 
-    source = str(name_or_path)
+    source = model_source(name_or_path)
     local = Path(source).expanduser()
     kwargs: dict[str, Any] = dict(dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    kwargs["attn_implementation"] = resolve_attn_implementation(attn_implementation)
     if local.is_dir():
         if not (local / "config.json").is_file() and gguf_file is None:
             raise PrefkdError(f"{local} has no config.json, so it is not a model directory; check the path.")
@@ -419,8 +445,10 @@ def materialize_model(
     tokenizer_dir=None,
     seed: int = 1,
     trust_remote_code: bool = False,
+    copy_weights: bool = True,
 ) -> None:
-    """Write the model ``source`` as a HF model dir ``out_dir`` (safetensors + tokenizer), atomically.
+    """Write the model ``source`` as a HF model dir ``out_dir`` (safetensors + tokenizer), atomically;
+    a local dir or Hub id without ``copy_weights`` becomes a pointer dir (no weights copied, none loaded).
 
     ``source``: ``builtin:tiny-mistral`` / ``builtin:tiny-qwen2`` (need ``tokenizer_dir``),
     ``builtin:smollm2-135m-instruct``, a local model directory or a Hugging Face id.  When ``tokenizer_dir``
@@ -441,6 +469,9 @@ def materialize_model(
             return
         raise PrefkdError(f"Unknown builtin model {source!r}; known ones are {', '.join(BUILTIN_MODELS)}.")
 
+    if not copy_weights:
+        write_pointer(source, out_dir, tokenizer_dir, trust_remote_code)
+        return
     model = load_model(source, trust_remote_code=trust_remote_code, dtype="auto")
     if tokenizer_dir is not None:
         tokenizer = _load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
@@ -452,6 +483,41 @@ def materialize_model(
     local = Path(source).expanduser()
     info = {"source": str(local.resolve()) if local.is_dir() else source, "parameters": num_parameters(model)}
     save_model(model, tokenizer_files, out_dir, info=info)
+
+
+def write_pointer(source: str, out_dir: Path, tokenizer_dir, trust_remote_code: bool) -> None:
+    """A model dir that uses ``source``'s weights in place: its config.json, the tokenizer and SOURCE_FILE.
+    The vocabulary check runs on a weightless (meta-device) copy of the architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = Path(source).expanduser()
+    target = str(local.resolve()) if local.is_dir() else source
+    try:
+        config = AutoConfig.from_pretrained(
+            target, token=os.environ.get("HF_TOKEN") or None, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers / the Hub raise many kinds of errors
+        raise PrefkdError(
+            f"Could not read the config of {source!r} ({type(exc).__name__}: {first_line(exc)}); "
+            f"check the id or path, your network and HF_TOKEN."
+        ) from exc
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if tokenizer_dir is not None:
+        tokenizer = _load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+        tokenizer_files: Any = Path(tokenizer_dir)
+    else:
+        tokenizer = tokenizer_files = _source_tokenizer(source, trust_remote_code)
+    check_vocab(skeleton, tokenizer)
+    with _atomic_dir(Path(out_dir)) as tmp:
+        config.save_pretrained(str(tmp))
+        if isinstance(tokenizer_files, Path):
+            _copy_tokenizer_files(tokenizer_files, tmp)
+        else:
+            save_tokenizer(tokenizer_files, tmp)
+        _write_json(tmp / SOURCE_FILE, {"source": target})
+        _write_json(tmp / MODEL_INFO_FILE, {"source": target, "parameters": num_parameters(skeleton)})
 
 
 def _source_tokenizer(source: str, trust_remote_code: bool):
@@ -495,6 +561,11 @@ class ModelSettings:
     trust_remote_code: bool = setting(
         False, "allow custom model code from the source (off by default)", config="{role}.trust_remote_code"
     )
+    copy_weights: bool = setting(
+        False,
+        "copy a local or Hub model's weights into the model dir (default: a pointer dir that uses them in place)",
+        config="{role}.copy_weights",
+    )
 
 
 def run(s: ModelSettings) -> int:
@@ -506,6 +577,7 @@ def run(s: ModelSettings) -> int:
         tokenizer_dir=s.tokenizer,
         seed=s.seed,
         trust_remote_code=s.trust_remote_code,
+        copy_weights=s.copy_weights,
     )
     info_path = Path(s.out) / MODEL_INFO_FILE
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}

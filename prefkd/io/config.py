@@ -94,6 +94,11 @@ def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> d
             "the config is empty; pass a config file with --configfile or keep config.yaml in the project root."
         )
     _check_finite(config)  # first: NaN passes every range check, and -inf would be reported as out of range
+    if isinstance(config.get("train"), dict) and "accelerate" in config["train"]:
+        raise PrefkdError(
+            "config key 'train.accelerate' has moved: set 'resources.teacher.accelerate' and "
+            "'resources.student.accelerate' (each kind of training stage has its own resources)."
+        )
     schema = load_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(

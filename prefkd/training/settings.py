@@ -14,6 +14,9 @@ from prefkd.core.layout import ROLES, UNITS
 from prefkd.core.settings import setting
 from prefkd.core.weights import AGGREGATIONS, TRANSFORMS, WeightSpec
 
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
 STAGES = ("sft", "preference", "kd")
 KD_NAMES = ("dskd", "uld", "mined", "cdm")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -52,6 +55,13 @@ class TrainSettings:
     seed: int = setting(1, "seed of the data order and of new parameters", config="seed")
     gradient_checkpointing: bool = setting(
         False, "recompute activations in backward", config="train.gradient_checkpointing"
+    )
+    dtype: str = setting("float32", "dtype the model is loaded and trained in", choices=DTYPES, config="{role}.dtype")
+    attn_implementation: str = setting(
+        "auto",
+        "attention kernel (auto: flash_attention_2 when installed on a GPU, else sdpa)",
+        choices=ATTN_IMPLEMENTATIONS,
+        config="{role}.attn_implementation",
     )
     checkpoint_dir: str | None = setting(None, "resumable checkpoints and the log (default: <out>.checkpoints)")
     save_every: int = setting(
@@ -110,6 +120,7 @@ class SignalSettings:
     )
     seed: int = setting(1, "seed of the random transform", config="seed")
     batch_size: int = setting(8, "pairs per scoring batch", config="signals.batch_size")
+    dtype: str = setting("float32", "dtype the scoring models are loaded in", choices=DTYPES, config="signals.dtype")
 
     def spec(self) -> WeightSpec:
         return WeightSpec(

@@ -352,6 +352,33 @@ def test_materialize_model_sources(tmp_path, tiny_dirs, teacher_tokenizer_dir):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_local_or_hub_model_is_used_in_place_not_copied(tmp_path, tiny_dirs, teacher_tokenizer_dir):
+    """Issue 11: model_init of a 14B Hub model copied it into results/ with 16 GB of memory; without
+    copy_weights the init dir points at the weights (config.json, tokenizer, prefkd_weights.json) and
+    loading it gives the source's weights. A model trained from it and saved holds its own weights, so
+    the pointer file must not travel with the tokenizer files."""
+    import torch
+
+    pointer = tmp_path / "init"
+    models.materialize_model(
+        str(tiny_dirs["mistral"]), pointer, WHEEL_DIR, tokenizer_dir=teacher_tokenizer_dir, copy_weights=False
+    )
+    assert not list(pointer.glob("*.safetensors"))
+    assert (pointer / "config.json").is_file() and (pointer / "tokenizer.json").is_file()
+    assert json.loads((pointer / models.SOURCE_FILE).read_text())["source"] == str(tiny_dirs["mistral"].resolve())
+    info = json.loads((pointer / models.MODEL_INFO_FILE).read_text())
+    source = models.load_model(str(tiny_dirs["mistral"]))
+    assert info["parameters"] == models.num_parameters(source)
+    loaded = models.load_model(str(pointer), tokenizer=pointer)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    models.save_model(loaded, pointer, tmp_path / "trained")  # as train() saves: tokenizer files from --init
+    assert not (tmp_path / "trained" / models.SOURCE_FILE).exists()
+    assert list((tmp_path / "trained").glob("*.safetensors"))
+    with pytest.raises(PrefkdError, match="Could not read the config"):
+        models.materialize_model(str(tmp_path / "nothing"), tmp_path / "y", WHEEL_DIR, copy_weights=False)
+
+
 def test_cli_builds_tiny_model(tmp_path, tiny_dirs, teacher_tokenizer_dir, capsys):
     p = argparse.ArgumentParser()
     add_options(p, models.ModelSettings)

@@ -15,7 +15,7 @@ from prefkd.io.config import load_schema
 from prefkd.training.settings import SignalSettings, TrainSettings
 
 # Config keys that only the workflow reads (they never reach a stage's CLI).
-WORKFLOW_ONLY = {"train.accelerate", "signals.reference"}
+WORKFLOW_ONLY = {"signals.reference"}
 
 
 @dataclasses.dataclass

@@ -96,6 +96,9 @@ def test_exact_resume(setup):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # the summary says from which checkpoint the run resumed
+    runtime = [json.loads((Path(p) / "train_summary.json").read_text())["runtime"] for p in (whole.out, resumed.out)]
+    assert runtime[0]["resumed_from_step"] is None and runtime[1]["resumed_from_step"] == 2
     # the resumed run's log continues the interrupted one
     assert [r["step"] for r in metrics(resumed.out)] == list(range(1, PAIRS // 4 + 1))
 
@@ -197,7 +200,7 @@ def test_deepspeed_zero2_single_cpu_process(setup):
 
 @pytest.mark.slow
 def test_two_process_data_parallel_on_cpu(setup):
-    _launch("ddp-cpu.yaml", setup, "ddp")
+    _launch("ddp-cpu.yaml", setup, "ddp", extra=("--num_processes", "2"))
     ckpt = setup["root"] / "ddp.ckpt"
     ranks = [json.loads((ckpt / f"rank-{i}.json").read_text()) for i in (0, 1)]
     seen0, seen1 = set(ranks[0]["pairs_seen"]), set(ranks[1]["pairs_seen"])

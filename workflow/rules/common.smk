@@ -27,6 +27,7 @@ from prefkd.evaluation.settings import (
     WinrateSettings,
 )
 from prefkd.io.config import validate_config
+from prefkd.launch import TRAINING_KINDS, launch_prefix as lib_launch_prefix, snakemake_resources
 from prefkd.preflight import accelerate_config_path, check_environment
 from prefkd.training.settings import SignalSettings, TrainSettings
 
@@ -125,21 +126,53 @@ def neg_model(role):
     return f"{R}/models/{role}-dpo-neg"
 
 
-def accelerate_config():
-    return str(accelerate_config_path(config["train"]["accelerate"], PROJECT_ROOT))
+# ---------------------------------------------------------------------------
+# Resources: what each kind of stage asks the scheduler for (config `resources`)
+# ---------------------------------------------------------------------------
+
+RES = config["resources"]
 
 
-def launch_prefix(wildcards, threads):
-    return (
-        f"accelerate launch --config_file {accelerate_config()}"
-        f" --num_cpu_threads_per_process {threads} -m prefkd.cli"
-    )
+def role_kind(wildcards):
+    """sft and dpo jobs take the resources of their role (teacher or student)."""
+    return wildcards.role
+
+
+def stage_resources(kind):
+    """The Snakemake resources of a kind of stage: a name, or a function of the wildcards (then every job of
+    the rule declares the same keys, neutral where its kind asks for nothing)."""
+    if not callable(kind):
+        return snakemake_resources(RES[kind], RES["gpu_model"])
+    keys = set().union(*(snakemake_resources(RES[k], RES["gpu_model"]) for k in TRAINING_KINDS))
+    return {
+        key: (lambda w, key=key: snakemake_resources(RES[kind(w)], RES["gpu_model"], keys)[key]) for key in sorted(keys)
+    }
+
+
+def stage_threads(kind):
+    """A job's threads are its CPUs (a function of the wildcards for role-dependent rules)."""
+    if not callable(kind):
+        return RES[kind]["cpus"]
+    return lambda w: RES[kind(w)]["cpus"]
+
+
+def launch_prefix(kind):
+    """`accelerate launch ...` (or, over several nodes, `srun ... python -m prefkd.launch ...`) of a
+    training job, with its process and machine counts from the resources of its kind."""
+
+    def prefix(wildcards, threads):
+        k = kind(wildcards) if callable(kind) else kind
+        path = accelerate_config_path(RES[k]["accelerate"], PROJECT_ROOT)
+        return lib_launch_prefix(RES[k], path, threads)
+
+    return prefix
 
 
 def train_flags(**values):
-    """The flags of one training job: the shared `train.*` settings and the seed read from the config
-    (prefkd.training.settings.TrainSettings names its config keys), then the stage's own values."""
-    return stage_flags(TrainSettings, **values)
+    """The flags of one training job: the shared `train.*` settings, the role's model settings and the seed
+    read from the config (prefkd.training.settings.TrainSettings names its config keys), then the stage's own
+    values."""
+    return stage_flags(TrainSettings, {"role": values["role"]}, **values)
 
 
 def sft_flags(role):
@@ -176,8 +209,9 @@ def signal_models(sigset):
 
 def dpo_reference_flags(role):
     """Reference log-probs of a role's SFT on every response token, with uniform weights (what DPO needs)."""
-    values = dict(role=role, unit="token", transform="uniform", batch_size=config["signals"]["batch_size"])
-    return to_flags(SignalSettings, values)  # not stage_flags: only these four settings, as DPO's reference
+    sig = config["signals"]
+    values = dict(role=role, unit="token", transform="uniform", batch_size=sig["batch_size"], dtype=sig["dtype"])
+    return to_flags(SignalSettings, values)  # not stage_flags: only these settings, as DPO's reference
 
 
 def signal_flags(sigset):

@@ -10,9 +10,9 @@ rule tokenizer:
         role="teacher|student",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=4000,
-        runtime=20,
+        **stage_resources("data"),
     params:
         flags=lambda w: stage_flags(TokenizerSettings, {"role": w.role}, source=tokenizer_source(w.role)),
         # a changed builtin chat template must rebuild the tokenizer (params changes rerun a rule)
@@ -28,9 +28,9 @@ rule demo_data:
         f"{R}/logs/demo_data.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **stage_resources("data"),
     params:
         flags=stage_flags(DemoDataSettings),
     shell:
@@ -48,9 +48,9 @@ rule prepare:
         f"{R}/logs/prepare.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **stage_resources("data"),
     params:
         source=source_argument,
         out_dir=lambda w, output: Path(output.report).parent,

@@ -11,9 +11,9 @@ rule student_sft_baseline:
         f"{R}/logs/students/sft.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **stage_resources("data"),
     shell:
         "cp -r {input} {output} > {log} 2>&1"
 
@@ -34,12 +34,11 @@ rule distill:
         method="|".join(re.escape(m) for m in STUDENT_METHODS if m != "sft") or "none",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("student")
     resources:
-        mem_mb=16000,
-        runtime=600,
+        **stage_resources("student"),
     params:
-        launch=launch_prefix,
+        launch=launch_prefix("student"),
         # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
         flags=lambda w: distill_flags(w.method),
     shell:

@@ -19,9 +19,9 @@ rule eval_task_data:
         f"{R}/logs/eval/tasks.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **stage_resources("data"),
     params:
         flags=stage_flags(EvalDataSettings),
         tasks_digest=local_tasks_digest(),
@@ -43,10 +43,9 @@ rule lm_eval:
         suite="|".join(re.escape(s) for s in SUITES) or "none",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("lm_eval")
     resources:
-        mem_mb=16000,
-        runtime=600,
+        **stage_resources("lm_eval"),
     params:
         flags=lambda w: stage_flags(LmEvalSettings, name=w.model, suite_name=w.suite, suite=suite_json(w.suite)),
         task_data=lambda w, input: f"--task-data {input.tasks}" if input.tasks else "",
@@ -73,10 +72,9 @@ rule preference_eval:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("lm_eval")
     resources:
-        mem_mb=16000,
-        runtime=120,
+        **stage_resources("lm_eval"),
     params:
         flags=lambda w: stage_flags(
             PreferenceEvalSettings, name=w.model, role=eval_role(w.model), reference_name=f"{eval_role(w.model)}-sft"
@@ -100,10 +98,9 @@ rule generate_and_score:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("generate")
     resources:
-        mem_mb=16000,
-        runtime=600,
+        **stage_resources("generate"),
     params:
         flags=stage_flags(GenerateSettings, max_prompts=EVAL["reward"]["max_prompts"], **judge_models()),
     shell:
@@ -123,9 +120,9 @@ rule reward_winrate:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **stage_resources("data"),
     params:
         flags=lambda w: stage_flags(
             WinrateSettings, model=w.model, baseline_name="student-sft", judge_name=reward_judge_name()
@@ -154,9 +151,9 @@ rule report:
         f"{R}/logs/report.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **stage_resources("data"),
     params:
         flags=stage_flags(
             ReportSettings,

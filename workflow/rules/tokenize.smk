@@ -14,9 +14,9 @@ rule tokenize_align:
         split="train|valid|test",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **stage_resources("data"),
     params:
         flags=lambda w: stage_flags(TokenizeSettings, **config["tokenize"] | scatter_shard(w.scatteritem)),
     shell:
@@ -33,9 +33,9 @@ rule alignment_stats:
         f"{R}/logs/alignment_stats.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **stage_resources("data"),
     params:
         shard_args=lambda w, input: " ".join(f"{split}={path}" for split in SPLITS for path in input[split]),
     shell:

@@ -13,9 +13,9 @@ rule model_init:
         role="teacher|student",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=16000,
-        runtime=60,
+        **stage_resources("data"),
     params:
         flags=lambda w: stage_flags(ModelSettings, {"role": w.role}, source=config[w.role]["model"]),
     shell:
@@ -37,12 +37,11 @@ rule sft:
         kind="sft|sft-rejected",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads(role_kind)
     resources:
-        mem_mb=16000,
-        runtime=600,
+        **stage_resources(role_kind),
     params:
-        launch=launch_prefix,
+        launch=launch_prefix(role_kind),
         flags=lambda w: sft_flags(w.role),
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} {params.flags} > {log} 2>&1"
@@ -62,9 +61,9 @@ rule reverse:
         split="train|valid|test",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **stage_resources("data"),
     shell:
         "prefkd reverse --in {input} --out {output} > {log} 2>&1"
 
@@ -84,10 +83,9 @@ rule dpo_reference:
         split="train|valid|test",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("signals")
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **stage_resources("signals"),
     params:
         flags=lambda w: dpo_reference_flags(w.role),
     shell:
@@ -112,12 +110,11 @@ rule dpo:
         direction="pos|neg",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads(role_kind)
     resources:
-        mem_mb=16000,
-        runtime=600,
+        **stage_resources(role_kind),
     params:
-        launch=launch_prefix,
+        launch=launch_prefix(role_kind),
         flags=lambda w: dpo_flags(w.role, w.direction),
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} --signals {input.signals}"
@@ -138,10 +135,9 @@ rule signals:
         split="train|valid|test",
     conda:
         ENV
-    threads: 2
+    threads: stage_threads("signals")
     resources:
-        mem_mb=16000,
-        runtime=120,
+        **stage_resources("signals"),
     params:
         # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
         flags=lambda w: signal_flags(w.sigset),
@@ -159,9 +155,9 @@ rule weights_stats:
         f"{R}/logs/weights-stats.log",
     conda:
         ENV
+    threads: stage_threads("data")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **stage_resources("data"),
     params:
         shard_args=lambda w, input: " ".join(
             f"{sigset}={path}" for sigset in SIGNAL_SETS for split in SPLITS for path in signal_shards(sigset, split)
