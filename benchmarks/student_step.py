@@ -407,7 +407,8 @@ class TRLSide:
         args = DPOConfig(output_dir=self.out, beta=BETA, learning_rate=LR,
                          per_device_train_batch_size=len(rows), report_to=[], use_cpu=True, bf16=False, fp16=False,
                          max_length=None, dataloader_num_workers=0, max_grad_norm=1.0, save_strategy="no",
-                         logging_strategy="no", seed=1, disable_tqdm=True)  # fmt: skip
+                         logging_strategy="no", seed=1, disable_tqdm=True,
+                         gradient_checkpointing=False)  # fmt: skip  # TRL turns it on by default; prefkd's is off
         ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
         self.trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
         self.trainer.create_optimizer()

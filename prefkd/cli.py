@@ -118,6 +118,12 @@ COMMANDS = {
         "run",
         "write report.md and its plots from the evaluation JSONs",
     ),
+    "plan": (
+        "prefkd.plan",
+        "PlanSettings",
+        "run",
+        "memory per GPU, jobs and GPU-hours of every stage of a config, before anything is submitted",
+    ),
 }
 
 

@@ -86,6 +86,25 @@ def _plain_linear(head) -> bool:
     )
 
 
+def _logits_are_head(head, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the model's logits are ``head(hidden)``, computed in fp32 or under bf16 / fp16 autocast (a
+    mixed-precision wrapper such as accelerate's runs the model's own head in low precision: compared with an
+    fp32 probe alone, every step would take the full-logits fallback)."""
+    ref = logits.float()
+    with torch.no_grad():
+        if torch.allclose(head(hidden).float(), ref, rtol=1e-3, atol=1e-4):
+            return True
+        for dtype in (torch.bfloat16, torch.float16):
+            try:
+                with torch.autocast(hidden.device.type, dtype=dtype):
+                    probe = head(hidden).float()
+            except RuntimeError:  # a device without this autocast dtype
+                continue
+            if torch.allclose(probe, ref, rtol=1e-2, atol=1e-2):
+                return True
+    return False
+
+
 def model_token_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: torch.Tensor | None = None, chunk: int = 1024
 ) -> torch.Tensor:
@@ -109,11 +128,7 @@ def model_token_logps(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1
     )
     hidden = out.hidden_states[-1]
-    plain = head is not None and out.logits.shape[1] == 1
-    if plain:
-        with torch.no_grad():
-            probe = head(hidden[:, -1:]).float()
-        plain = torch.allclose(probe, out.logits.float(), rtol=1e-3, atol=1e-4)
+    plain = head is not None and out.logits.shape[1] == 1 and _logits_are_head(head, hidden[:, -1:], out.logits)
     if not plain:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         lp = token_logps(logits, input_ids)

@@ -28,6 +28,7 @@ from prefkd.evaluation.settings import (
 )
 from prefkd.io.config import validate_config
 from prefkd.launch import TRAINING_KINDS, launch_prefix as lib_launch_prefix, snakemake_resources
+from prefkd.plan import check_plan
 from prefkd.preflight import accelerate_config_path, check_environment
 from prefkd.training.settings import SignalSettings, TrainSettings
 
@@ -36,6 +37,10 @@ PROJECT_ROOT = Path(workflow.basedir).parent
 try:
     config = validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
     check_environment(config, PROJECT_ROOT)  # what the config names exists here: found now, not hours later
+    # A config sized for GPUs gets `prefkd plan`'s memory check before any job is submitted.
+    if any(res["gpus"] for res in config["resources"].values() if isinstance(res, dict)):
+        for note in check_plan(config, PROJECT_ROOT):
+            sys.stderr.write(f"prefkd plan: {note}\n")
 except PrefkdError as exc:
     sys.stderr.write(f"prefkd config error: {exc}\n")
     raise SystemExit(1)
@@ -222,6 +227,7 @@ def signal_flags(sigset):
     if s.pos:
         values.update(pos=model_path(s.pos[0]), pos_role=s.pos[1], neg=model_path(s.neg[0]), neg_role=s.neg[1])
     values.update({k: v for k, v in (("transform", s.transform), ("aggregation", s.aggregation)) if v})
+    values["eos_weight"] = s.eos_weight  # TIS-DPO's EOS weight 0; None: no flag
     return to_flags(SignalSettings, values)
 
 
