@@ -24,6 +24,7 @@ class SignalSet:
     neg: tuple[str, str] | None = None
     transform: str | None = None  # None: the configured CTPD transform
     aggregation: str | None = None  # None: the configured aggregation
+    eos_weight: float | None = None  # the EOS unit's weight (TIS-DPO's code: 0); None: weighted like any unit
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,10 @@ SIGNAL_SETS: dict[str, SignalSet] = {
     ),
     "mixed-pair": SignalSet("span", ("teacher-sft", "teacher"), ("teacher-pos", "teacher"), ("student-neg", "student")),
     "student-ref-span": SignalSet("span", ("student-sft", "student"), transform="uniform"),
-    "tisdpo": SignalSet("token", ("student-sft", "student"), ("student-pos", "student"), ("student-neg", "student")),
+    # TIS-DPO's released code gives the EOS token weight 0 (tokenize_batch_element appends [0] to the weights)
+    "tisdpo": SignalSet(
+        "token", ("student-sft", "student"), ("student-pos", "student"), ("student-neg", "student"), eos_weight=0.0
+    ),
     "dpo-ref-student": SignalSet("token", ("student-sft", "student"), transform="uniform"),
 }
 
@@ -65,7 +69,11 @@ METHODS: dict[str, Method] = {
     "sft": Method("sft", "student (SFT)", "student SFT only"),
     "dpo": Method("preference", "DPO", "DPO on the student, its SFT as reference", "token", "dpo-ref-student"),
     "tisdpo": Method(
-        "preference", "TIS-DPO", "TIS-DPO: token weights from the student's own contrastive pair", "token", "tisdpo"
+        "preference",
+        "TIS-DPO",
+        "TIS-DPO: token weights from the student's own contrastive pair, EOS weight 0 as in TIS-DPO's code",
+        "token",
+        "tisdpo",
     ),
     "dskd": Method("kd", "DSKD", "dual-space KD with cross-model attention (Zhang et al. 2024)", kd="dskd"),
     "ctpd": Method(
@@ -95,12 +103,20 @@ METHODS: dict[str, Method] = {
         paper_ablation_avg=65.47,
     ),
     "mean": Method(
-        "preference", "mean aggregation", "ablation: mean instead of sum aggregation", "span", "mean", ablation=True
+        "preference",
+        "mean aggregation",
+        "ablation: every span log-prob is the mean of its token log-probs instead of the sum -- the delta behind the"
+        " weights, the teacher reference and the student's policy term alike (the CTPD authors' average_log_prob"
+        " switch, which their weight script and trainer apply to all three)",
+        "span",
+        "mean",
+        ablation=True,
     ),
     "random": Method(
         "preference",
         "random weights",
-        "ablation: random span weights",
+        "ablation: random span weights, uniform in [0.7, 1.3] on the chosen and the rejected response alike, drawn"
+        " independently per span (seeded by the signals seed, the pair and the side), as the authors' random ablation",
         "span",
         "random",
         ablation=True,

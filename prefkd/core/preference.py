@@ -16,6 +16,12 @@ import torch.nn.functional as F
 
 from prefkd.core.layout import chosen_rejected
 
+# A log-ratio margin within this many nats of 0 is a tie. TRL's ``rewards/accuracies`` counts ``chosen > rejected``
+# with a live reference, so policy == reference is an exact tie (not a win); prefkd's reference log-probs are stored
+# by another job, and the same model scored again differs by float noise (1e-8 to 1e-4 nats per pair in float32).
+# The same tolerance as the held-out evaluation's (prefkd.evaluation.preference.TIE_NATS).
+TIE_NATS = 1e-3
+
 
 @dataclass
 class PairUnits:
@@ -33,15 +39,18 @@ class PreferenceOutput:
     losses: torch.Tensor  # [B]
     reward_chosen: torch.Tensor  # [B] beta * margin_w
     reward_rejected: torch.Tensor  # [B] beta * margin_l
+    logratio: torch.Tensor  # [B] margin_w - margin_l (nats, unscaled)
 
     def metrics(self) -> dict[str, float]:
+        """Mean loss, rewards and margin; ``rewards/accuracy``: the share of pairs the chosen response wins, a tie
+        (``|logratio| <= TIE_NATS``) counting as no win, as TRL's strict ``chosen_rewards > rejected_rewards``."""
         margin = self.reward_chosen - self.reward_rejected
         return {
             "loss": float(self.loss.detach()),
             "rewards/chosen": float(self.reward_chosen.mean()),
             "rewards/rejected": float(self.reward_rejected.mean()),
             "rewards/margin": float(margin.mean()),
-            "rewards/accuracy": float((margin > 0).float().mean()),
+            "rewards/accuracy": float((self.logratio > TIE_NATS).float().mean()),
         }
 
 
@@ -66,4 +75,5 @@ def preference_loss(units: PairUnits, beta: float) -> PreferenceOutput:
         losses=losses,
         reward_chosen=(beta * m_w).detach(),
         reward_rejected=(beta * m_l).detach(),
+        logratio=(m_w - m_l).detach(),
     )

@@ -24,8 +24,11 @@ class WeightSpec:
     lower: float = -0.5  # L
     upper: float = 1.5  # U
     threshold: float = 0.1  # |delta| below this counts as no evidence (threshold transforms)
-    top_fraction: float = 0.3  # binary_top: share of units that get the high weight
+    top_fraction: float = 0.3  # binary_top: share of units that get weight 1 (TIS-DPO's top_percent / 100)
     seed: int = 1
+    scale_min: float = 0.7  # rank and random: the range of TIS-DPO's rank_based / random transforms
+    scale_max: float = 1.3
+    eos_weight: float | None = None  # the EOS unit's weight (TIS-DPO: 0); None: the transform weighs it like any unit
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
@@ -34,10 +37,34 @@ class WeightSpec:
             raise PrefkdError(f"weight aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}.")
         if self.lower > self.upper:
             raise PrefkdError(f"the weight clamp needs lower <= upper, got L={self.lower}, U={self.upper}.")
+        if self.scale_min > self.scale_max:
+            raise PrefkdError(
+                f"the rank/random weight range needs scale_min <= scale_max, got {self.scale_min} > {self.scale_max}."
+            )
+        if not 0.0 <= self.top_fraction <= 1.0:
+            raise PrefkdError(f"binary_top's top_fraction must lie in [0, 1], got {self.top_fraction}.")
+
+
+def _binary_top(score: np.ndarray, fraction: float) -> np.ndarray:
+    """TIS-DPO's binary transform: 1 for the top ``int(n * fraction)`` scores, 0 for the rest. A score value that
+    straddles the cut gets 0 everywhere (the released code maps each value to the flag of its last sorted place)."""
+    n_top = int(len(score) * fraction + 1e-9)  # TIS-DPO: int(len * top_percent / 100); 1e-9 absorbs 0.3 * 10 < 3
+    at_least = (score[None, :] >= score[:, None]).sum(axis=1)  # per unit: units scoring >= it (itself included)
+    return (at_least <= n_top).astype(np.float64)
+
+
+def _rank(score: np.ndarray, low: float, high: float) -> np.ndarray:
+    """TIS-DPO's rank_based transform: low + (high - low) * rank / (n - 1), rank 0 for the lowest score (a stable
+    sort: of equal scores the earlier unit ranks lower); a lone unit gets 1.0."""
+    if len(score) == 1:
+        return np.ones(1)
+    ranks = np.empty(len(score))
+    ranks[np.argsort(score, kind="stable")] = np.arange(len(score))
+    return low + (high - low) * ranks / (len(score) - 1)
 
 
 def transform_weights(
-    delta: np.ndarray, mu: float, spec: WeightSpec, pair_id: int = 0, side: str = "chosen"
+    delta: np.ndarray, mu: float, spec: WeightSpec, pair_id: int = 0, side: str = "chosen", eos: bool = False
 ) -> np.ndarray:
     """Weights of the units of one response from their deltas (float64 in, float32 out).
 
@@ -46,13 +73,23 @@ def transform_weights(
       [-MAX_EXPONENT, MAX_EXPONENT] (80) so that no weight overflows float32
     - ``threshold``: as ctpd, but units with |delta| < threshold get k (no evidence)
     - ``threshold_scale``: threshold, then scaled so the response's mean weight is k
-    - ``binary_top``: k * exp(U) for the top ``top_fraction`` of units by mu * delta, k * exp(L) for the rest
-    - ``rank``: k * exp(L + (U - L) * r), r in [0, 1] the rank of mu * delta within the response
-    - ``random``: k * exp(mu * u), u ~ Uniform(L, U), seeded by (seed, pair_id, side)
+    - ``binary_top``: 1 for the top ``top_fraction`` of units by mu * delta, 0 for the rest (TIS-DPO's ``binary``)
+    - ``rank``: scale_min + (scale_max - scale_min) * r, r in [0, 1] the rank of mu * delta within the response
+      (TIS-DPO's ``rank_based``: 0.7 to 1.3, linear)
+    - ``random``: Uniform(scale_min, scale_max) = U(0.7, 1.3) per unit, on both responses alike and independent of
+      delta (the CTPD authors' random ablation, TIS-DPO's ``random``); seeded by (seed, pair_id, side)
     - ``uniform``: k
+
+    The last four follow TIS-DPO's released code (preference_datasets.py), which maps mu * delta of the response
+    tokens directly to these weights. ``eos`` says that the last unit is the response's EOS: with
+    ``spec.eos_weight`` set it gets that weight and the transform sees only the other units (TIS-DPO's code gives
+    the EOS token weight 0 and ranks the response tokens among themselves).
     """
     d = np.asarray(delta, dtype=np.float64)
     s = spec
+    if eos and s.eos_weight is not None and len(d):
+        rest = transform_weights(d[:-1], mu, s, pair_id, side)
+        return np.append(rest, np.float32(s.eos_weight)).astype(np.float32)
     t = s.transform
     if t == "uniform" or len(d) == 0:
         w = np.full(len(d), s.k)
@@ -66,19 +103,12 @@ def transform_weights(
         if t == "threshold_scale":
             w = w * (s.k / w.mean())
     elif t == "binary_top":
-        score = mu * d
-        n_top = max(1, int(round(s.top_fraction * len(d))))
-        top = np.argsort(-score, kind="stable")[:n_top]
-        w = np.full(len(d), s.k * np.exp(s.lower))
-        w[top] = s.k * np.exp(s.upper)
+        w = _binary_top(mu * d, s.top_fraction)
     elif t == "rank":
-        score = mu * d
-        ranks = np.argsort(np.argsort(score, kind="stable"), kind="stable")
-        r = ranks / max(len(d) - 1, 1)
-        w = s.k * np.exp(s.lower + (s.upper - s.lower) * r)
+        w = _rank(mu * d, s.scale_min, s.scale_max)
     elif t == "random":
         rng = np.random.default_rng([s.seed, int(pair_id) & 0x7FFFFFFF, SIDES.index(side)])
-        w = s.k * np.exp(mu * rng.uniform(s.lower, s.upper, size=len(d)))
+        w = rng.uniform(s.scale_min, s.scale_max, size=len(d))
     else:  # pragma: no cover - validated in WeightSpec
         raise AssertionError(t)
     return w.astype(np.float32)

@@ -4,11 +4,23 @@ For each pair and side, on the ids of one role (the teacher for CTPD) and its
 units (aligned spans, or tokens):
 
 - ``delta_i = l_pos(unit_i) - l_neg(unit_i)`` (sum aggregation) or the same
-  divided by the unit's token count (mean aggregation);
+  with every log-prob divided by the unit's token count (mean aggregation);
 - ``weight_i = transform(delta_i)`` with mu = +1 on the chosen response and -1
-  on the rejected one (CTPD: ``k * exp(mu * clamp(delta, L, U))``);
+  on the rejected one (CTPD: ``k * exp(mu * clamp(delta, L, U))``); with
+  ``spec.eos_weight`` set, the EOS unit of an untruncated response gets that
+  weight instead (TIS-DPO: 0);
 - ``ref_logps_i = l_ref(unit_i)`` of the reference model, so the student job
   needs no teacher at all.
+
+Mean aggregation (the CTPD ablation; the authors' ``average_log_prob`` switch) makes
+every span log-prob a per-token mean: the delta above, the reference and the
+student's own span log-prob in the loss, ``sum_i w_i * (mean l_theta(p_i) -
+mean l_ref(p_i))``. The trainer sums the student's token log-probs per unit, so a
+span shard folds the student's token count n_i of every unit into what it stores:
+``weights = w_i / n_i`` and ``ref_logps = n_i * mean l_ref(p_i)``, which makes the
+trainer's ``sum_i weights_i * (sum l_theta(p_i) - ref_logps_i)`` exactly that mean
+margin (the shard's metadata says ``prefkd.folded``; its weight statistics describe
+``w_i`` itself). Token units have one token each: nothing to fold.
 
 Weights are not rounded. Without pos/neg models the weights are uniform (1):
 that is how DPO's reference log-probs are precomputed.
@@ -30,7 +42,7 @@ from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.layout import SIDES
 from prefkd.core.logprobs import model_token_logps, span_logps
 from prefkd.core.weights import WEIGHT_BINS, WeightSpec, transform_weights
-from prefkd.data.batches import collate_pairs
+from prefkd.data.batches import collate_pairs, unit_ids
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
 from prefkd.io.shards import make_provenance, read_shard, shard_stats, write_shard
@@ -61,6 +73,36 @@ def _planted_masks(row: dict, side: str):
     return inside
 
 
+POLICY_ROLE = "student"  # the model trained on signal shards (teacher DPO trains on token units: nothing to fold)
+
+
+def _policy_counts(row: dict, side: str, m: int) -> np.ndarray:
+    """Tokens of the trained (student) model in each of the ``m`` span units of a response (EOS unit: 1)."""
+    units, n = unit_ids(row, POLICY_ROLE, side, "span")
+    if n != m:
+        raise PrefkdError(f"pair {row['pair_id']} {side}: the {POLICY_ROLE} tokens have {n} units but the signals {m}.")
+    return np.bincount(units[units >= 0], minlength=m).astype(np.float64)
+
+
+def _side_values(row, side, d, ref_lp, ref_n, unit, spec) -> dict:
+    """One response's stored values: ``{side}_weights``, ``{side}_ref_logps``, ``{side}_delta`` (float32) and the
+    weights themselves under ``w`` (for the statistics), from its deltas and reference unit log-probs / counts."""
+    mu = 1.0 if side == "chosen" else -1.0
+    w = transform_weights(d, mu, spec, row["pair_id"], side, eos=not row[f"{side}_truncated"])
+    stored_w, ref = w.astype(np.float64), ref_lp
+    if spec.aggregation == "mean":
+        ref = ref_lp / np.maximum(ref_n, 1)  # the reference's per-token mean of every unit
+        if unit == "span":  # fold the student's token counts (see the module docstring)
+            n = _policy_counts(row, side, len(d))
+            stored_w, ref = stored_w / n, ref * n
+    return {
+        f"{side}_weights": stored_w.astype(np.float32),
+        f"{side}_ref_logps": ref.astype(np.float32),
+        f"{side}_delta": d.astype(np.float32),
+        "w": w,
+    }
+
+
 @dataclass
 class Scorer:
     """A model and whose token ids (role) it scores."""
@@ -87,7 +129,7 @@ def _score_chunk(
             scored[key] = unit_logps(x.model, batches[x.role])
         return scored[key]
 
-    ref_units, _ = score(ref)  # [2B, M]
+    ref_units, ref_counts = score(ref)  # [2B, M], [2B, M]
     batch = batches[ref.role]
     if pos is not None:
         (pos_units, pos_counts), (neg_units, neg_counts) = score(pos), score(neg)
@@ -102,15 +144,15 @@ def _score_chunk(
     n = len(chunk)
     results = []
     for j, row in enumerate(chunk):
-        res = {}
+        res = {"weights": {}}
         for s_i, side in enumerate(SIDES):
             r = j + s_i * n  # the row of this side in the [chosen; rejected] layout
             m = int(batch["num_units"][r])
             d = delta[r, :m].double().cpu().numpy()
-            mu = 1.0 if side == "chosen" else -1.0
-            res[f"{side}_weights"] = transform_weights(d, mu, spec, row["pair_id"], side)
-            res[f"{side}_ref_logps"] = ref_units[r, :m].float().cpu().numpy()
-            res[f"{side}_delta"] = d.astype(np.float32)
+            ref_lp, ref_n = ref_units[r, :m].double().cpu().numpy(), ref_counts[r, :m].double().cpu().numpy()
+            values = _side_values(row, side, d, ref_lp, ref_n, unit, spec)
+            res["weights"][side] = values.pop("w")
+            res.update(values)
         results.append(res)
     return results
 
@@ -121,7 +163,7 @@ def _weight_stats(rows: list[dict], results: list[dict], unit: str) -> dict:
     planted = {side: {"inside_sum": 0.0, "inside_n": 0, "outside_sum": 0.0, "outside_n": 0} for side in SIDES}
     for row, res in zip(rows, results, strict=True):
         for side in SIDES:
-            w = res[f"{side}_weights"]
+            w = res["weights"][side]  # the weights themselves (a mean-aggregation shard stores them folded)
             hist[side] += np.bincount(
                 np.minimum(np.digitize(w, WEIGHT_BINS) - 1, len(WEIGHT_BINS) - 1).clip(0), minlength=len(WEIGHT_BINS)
             )
@@ -139,8 +181,8 @@ def _weight_stats(rows: list[dict], results: list[dict], unit: str) -> dict:
         "weight_bins": WEIGHT_BINS.tolist(),
         "weight_hist": {side: hist[side].tolist() for side in SIDES},
         "planted": planted,
-        "weight_sum": {side: float(sum(float(r[f"{side}_weights"].sum()) for r in results)) for side in SIDES},
-        "units": {side: int(sum(len(r[f"{side}_weights"]) for r in results)) for side in SIDES},
+        "weight_sum": {side: float(sum(float(r["weights"][side].sum()) for r in results)) for side in SIDES},
+        "units": {side: int(sum(len(r["weights"][side]) for r in results)) for side in SIDES},
     }
 
 
@@ -242,6 +284,8 @@ def run_shard(
         b"prefkd.roles": json.dumps(roles, sort_keys=True).encode(),
         b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode(),
     }
+    if spec.aggregation == "mean" and unit == "span":
+        meta[b"prefkd.folded"] = f"{POLICY_ROLE} token counts".encode()
     signals = signals.replace_schema_metadata(meta)
     check_finite(signals, out)
     stats.update(unit=unit, role=roles["ref"], roles=roles, spec=asdict(spec))

@@ -85,6 +85,8 @@ class OnlineKD:
             student_tokenizer=student_tokenizer,
             student_head=student_model.get_output_embeddings(),
             teacher_head=self.teacher_model.get_output_embeddings(),
+            student_embed=student_model.get_input_embeddings(),  # DSKD's index embeddings (untied models differ)
+            teacher_embed=self.teacher_model.get_input_embeddings(),
             student_dim=student_model.config.get_text_config().hidden_size,
             teacher_dim=self.teacher_model.config.get_text_config().hidden_size,
         ).to(device)

@@ -474,3 +474,26 @@ def test_needed_positions_match_the_full_computation_and_its_gradient():
             assert a is None and b is None or (a if a is not None else b).abs().max() == 0
         else:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- 8. reward accuracy counts ties as TRL
+
+
+def test_reward_accuracy_counts_float_noise_ties_as_trl_does():
+    """TRL's ``rewards/accuracies`` is ``chosen_rewards > rejected_rewards``: a tie is not a win. At step 0 the
+    policy equals the reference, but prefkd's reference log-probs were stored by another job, so the live
+    log-ratio margin is float noise (~1e-6 here) instead of an exact 0; a margin within ``TIE_NATS`` of 0 is a tie
+    and counts 0, like TRL's exact tie."""
+    from prefkd.core.preference import TIE_NATS
+
+    assert 1e-6 <= TIE_NATS <= 1e-3
+    ref = torch.tensor([[-1.0, -2.0], [-3.0, -0.5], [-1.0, -1.0], [-2.0, -2.0]])  # rows: chosen 0, 1; rejected 0, 1
+    noise = torch.tensor([[1e-6, 0.0], [-1e-6, 0.0], [0.0, -1e-6], [0.0, 1e-6]])
+    ones = torch.ones_like(ref)
+    out = preference_loss(PairUnits(ref + noise, ref, ones, ones), beta=0.1)
+    m = out.metrics()
+    assert m["rewards/accuracy"] == 0.0  # was 0.5: pair 0's +2e-6 margin counted as a win
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # real margins still count: pair 0 wins by 0.01 nats, pair 1 loses by 0.01
+    real = torch.tensor([[0.01, 0.0], [0.0, 0.0], [0.0, 0.0], [0.01, 0.0]])
+    assert preference_loss(PairUnits(ref + real, ref, ones, ones), beta=0.1).metrics()["rewards/accuracy"] == 0.5

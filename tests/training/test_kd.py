@@ -5,7 +5,7 @@ Layout used throughout (one row; P = prompt, E = EOS, "." = padding):
     student  tokens  P  P  s0 s1a s1b E          units -1 -1 0 1 1 2
     teacher  tokens  P  P  P  t0  t1  E  .       units -1 -1 -1 0 1 2 -1
 
-Span 1 is two student tokens but one teacher token. Aligned unit-start predictions (MinED, CDM):
+Span 1 is two student tokens but one teacher token. Aligned unit-start predictions (CDM):
 unit 0 -> (student pos 1, teacher pos 2), unit 1 -> (2, 3), EOS unit -> (4, 4); the student's
 prediction at 3 (inside span 1) has no counterpart. ULD pairs by order: student predictions
 1, 2, 3, 4 and teacher predictions 2, 3, 4 give (1, 2), (2, 3), (3, 4).
@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from prefkd.errors import PrefkdError
 from prefkd.training.kd import CDM, DSKD, KD_NAMES, ULD, KDSide, MinED, build_kd, build_mined_map, kd_mix
 from prefkd.training.kd.mined import mined_map_from_vocabs
 from prefkd.training.kd.pairing import aligned_unit_predictions, ordered_response_predictions
-from prefkd.training.kd.strings import TokenizerStrings
+from prefkd.training.kd.strings import TokenizerStrings, vocab_list
 
 S_UNITS = [[-1, -1, 0, 1, 1, 2]]
 S_TARGET = [[0, 0, 1, 1, 1, 1]]
@@ -201,39 +202,90 @@ def test_mined_map_fixed_and_excluded():
 
 # ----------------------------------------------------------------------------- MinED loss
 
-MINED_MAP = torch.tensor([1, 0, 0])  # teacher ids 0, 1, 2 -> student ids 1, 0, 0
-P_T3 = [0.5, 0.3, 0.2]  # mapped onto the student: [0.3 + 0.2, 0.5] = [0.5, 0.5]
-Q_S2 = [0.25, 0.75]
-MINED_HAND = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # = 0.5 ln(4/3) = 0.143841
+# MinED as the DSKD authors' baseline implements it (criterions/min_edit_dis_kld.py, after FuseLLM): the token
+# sequences of the two models are aligned by dynamic time warping (DTW) with the edit distance of the token strings
+# (space markers removed) as the cost; a student prediction whose input token is aligned to exactly one teacher
+# token, and that token maps (MinED vocabulary map) to the student's input token, learns the teacher's projected
+# distribution; every other student prediction learns a one-hot distribution on its own target token. Loss: the
+# forward KL at temperature T, no T^2 factor, here averaged over the student's predictions.
+#
+# Student (positions 0-4): "\n" the cats sat </s>   -> predictions at 0-3 (input tokens "\n" the cats sat)
+# Teacher (positions 0-5): "]" the cat s sat </s>    -> predictions at 0-4 (input tokens "]" the cat s sat)
+MINED_T_VOCAB = {"]": 0, "▁the": 1, "▁cat": 2, "s": 3, "▁sat": 4, "</s>": 5}
+MINED_S_VOCAB = {"Ġthe": 0, "Ġcats": 1, "Ġsat": 2, "Ġca": 3, "\n": 4, "<|im_end|>": 5}
+MINED_T2S = torch.tensor([4, 0, 3, 1, 2, 5])  # "▁cat" -> "Ġca" (the prefix MinED prefers), so "cats" is not consistent
+# edit distances (rows: teacher ] the cat s sat; columns: student \n the cats sat), worked by hand
+MINED_COST = np.array([[1, 3, 4, 3], [3, 0, 4, 3], [3, 3, 1, 1], [1, 3, 3, 2], [3, 3, 2, 0]])
+# DTW (cumulative cost 4): student 0 <- teacher 0, 1 <- 1, 2 <- 2, 3 <- {3, 4}
+MINED_PATH = [[0], [1], [2], [3, 4]]
+P_T = {0: [0.1, 0.5, 0.1, 0.1, 0.1, 0.1], 1: [0.05, 0.05, 0.6, 0.2, 0.05, 0.05]}
+Q_S = {
+    0: [0.25, 0.15, 0.15, 0.15, 0.15, 0.15],
+    1: [1 / 6] * 6,
+    2: [0.1, 0.1, 0.5, 0.1, 0.1, 0.1],
+    3: [0.04, 0.04, 0.04, 0.04, 0.04, 0.8],
+}
+# position 0: teacher "]" -> student "\n" (map[0] = 4 = the student's input): projected [.5 .1 .1 .1 .1 .1] vs Q_S[0]
+KL0 = 0.5 * math.log(0.5 / 0.25) + 5 * 0.1 * math.log(0.1 / 0.15)
+# position 1: " the" -> " the": projected [.05 .2 .05 .6 .05 .05] vs uniform
+KL1 = 4 * 0.05 * math.log(0.05 * 6) + 0.2 * math.log(0.2 * 6) + 0.6 * math.log(0.6 * 6)
+# position 2: " cats" <- " cat", but map[" cat"] = " ca" != " cats": one-hot on the target " sat" (id 2)
+# position 3: " sat" <- {"s", " sat"} (one-to-many): one-hot on the target </s> (id 5)
+MINED_HAND = (KL0 + KL1 - math.log(0.5) - math.log(0.8)) / 4
 
 
-def mined_case(student_probs=Q_S2, scale: float = 1.0):
-    s_logits = logits_with({p: student_probs for p in S_ALIGNED}, 6, 2, seed=3, scale=scale).requires_grad_()
-    t_logits = logits_with({p: P_T3 for p in T_ALIGNED}, 7, 3, seed=4, scale=scale).requires_grad_()
-    return side(s_logits, S_UNITS, S_TARGET), side(t_logits, T_UNITS, T_TARGET)
+def mined_case(scale: float = 1.0):
+    s_ids = torch.tensor([[4, 0, 1, 2, 5]])
+    t_ids = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    s_logits = logits_with(Q_S, 5, 6, seed=3, scale=scale).requires_grad_()
+    t_logits = logits_with(P_T, 6, 6, seed=4, scale=scale).requires_grad_()
+    s = side(s_logits, [[-1, 0, 1, 2, 3]], [[0, 1, 1, 1, 1]], input_ids=s_ids)
+    t = side(t_logits, [[-1, 0, 1, 2, 3, 4]], [[0, 1, 1, 1, 1, 1]], input_ids=t_ids)
+    return s, t
+
+
+def mined_term(temperature: float) -> MinED:
+    return MinED(MINED_T2S, vocab_list(MINED_T_VOCAB), vocab_list(MINED_S_VOCAB), temperature=temperature)
+
+
+def test_dtw_alignment_hand_example():
+    from prefkd.training.kd.dtw import dtw_align, token_edit_costs
+
+    t_pieces, s_pieces = vocab_list(MINED_T_VOCAB), vocab_list(MINED_S_VOCAB)
+    cost = token_edit_costs([t_pieces[i] for i in range(5)], [s_pieces[i] for i in (4, 0, 1, 2)])
+    np.testing.assert_array_equal(cost, MINED_COST)
+    path, total = dtw_align(MINED_COST)
+    assert path == MINED_PATH and total == 4
+    # the DSKD / simpledtw tie-break walking back: diagonal, then up (teacher), then left (student)
+    assert dtw_align(np.zeros((2, 2)))[0] == [[0], [1]]
+    assert dtw_align(np.zeros((1, 3)))[0] == [[0], [0], [0]]
+    assert dtw_align(np.zeros((3, 1)))[0] == [[0, 1, 2]]
 
 
 def test_mined_closed_form():
     s, t = mined_case()
-    loss, metrics = MinED(MINED_MAP, temperature=1.0)(s, t)
-    assert MINED_HAND == pytest.approx(0.143841, abs=1e-6)
+    loss, metrics = mined_term(1.0)(s, t)
     assert loss.item() == pytest.approx(MINED_HAND, abs=1e-6)
-    assert metrics["kd_positions"] == 3
+    assert metrics["kd_positions"] == 4 and metrics["kd_aligned"] == pytest.approx(0.5)
     loss.backward()
     assert s.logits.grad.abs().sum() > 0 and t.logits.grad is None
-    # T = 2 on doubled logits: the same distributions, times T^2 = 4
+    # T = 2 on doubled logits: the same distributions and the same value (no T^2 factor, as in DSKD's MinED)
     s, t = mined_case(scale=2.0)
-    assert MinED(MINED_MAP, temperature=2.0)(s, t)[0].item() == pytest.approx(4 * MINED_HAND, abs=1e-5)
+    assert mined_term(2.0)(s, t)[0].item() == pytest.approx(MINED_HAND, abs=1e-5)
 
 
-def test_mined_zero_when_student_equals_mapped_teacher():
-    s, t = mined_case(student_probs=[0.5, 0.5])
-    assert MinED(MINED_MAP, temperature=1.0)(s, t)[0].item() == pytest.approx(0.0, abs=1e-6)
-    # (at T != 1 the teacher is tempered before its mass is merged, so the zero needs T = 1 here)
+def test_mined_is_zero_when_the_student_matches_its_targets():
+    s, t = mined_case()
+    with torch.no_grad():  # student = projected teacher where aligned, (nearly) one-hot on the target elsewhere
+        s.logits[0, 0] = torch.log(torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1]))
+        s.logits[0, 1] = torch.log(torch.tensor([0.05, 0.2, 0.05, 0.6, 0.05, 0.05]))
+        s.logits[0, 2] = torch.tensor([-50.0, -50, 50, -50, -50, -50])
+        s.logits[0, 3] = torch.tensor([-50.0, -50, -50, -50, -50, 50])
+    assert mined_term(1.0)(s, t)[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_mined_projection_keeps_mass_and_drops_padding_columns():
-    kd = MinED(MINED_MAP, temperature=1.0)
+    kd = MinED(torch.tensor([1, 0, 0]), [b"a", b"b", b"c"], [b"a", b"b"], temperature=1.0)
     # a fourth teacher column (an embedding padding row) is outside the map: dropped, renormalised
     z = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-30]]))
     p = kd.project(z, 2)
@@ -250,7 +302,7 @@ def cdm_case(t_probs, s_probs, vt, vs):
     return side(s_logits, S_UNITS, S_TARGET), side(t_logits, T_UNITS, T_TARGET)
 
 
-def test_cdm_equals_mined_when_every_token_matches_exactly():
+def test_cdm_when_every_token_matches_exactly():
     teacher = {"a": 0, "b": 1, "c": 2}
     student = {"c": 0, "a": 1, "b": 2}
     s, t = cdm_case([0.5, 0.3, 0.2], [0.1, 0.6, 0.3], 3, 3)
@@ -259,8 +311,6 @@ def test_cdm_equals_mined_when_every_token_matches_exactly():
     # mapped teacher over student ids (c, a, b) = [.2, .5, .3] vs [.1, .6, .3]
     hand = 0.2 * math.log(0.2 / 0.1) + 0.5 * math.log(0.5 / 0.6)  # = 0.047468
     assert loss.item() == pytest.approx(hand, abs=1e-6)
-    mined = MinED(mined_map_from_vocabs(teacher, student), temperature=1.0)(s, t)[0]
-    assert loss.item() == pytest.approx(mined.item(), abs=1e-6)
     assert metrics["kd_matched"] == pytest.approx(1.0)
     loss.backward()
     assert s.logits.grad.abs().sum() > 0 and t.logits.grad is None
@@ -300,6 +350,12 @@ def test_cdm_zero_for_identical_distributions():
 DS, DT, VS, VT = 6, 10, 11, 13
 
 
+def embeds(seed: int = 5):
+    """Input embedding tables of both models, different from their heads (untied models)."""
+    torch.manual_seed(seed)
+    return torch.nn.Embedding(VS, DS), torch.nn.Embedding(VT, DT)
+
+
 def dskd_case(seed: int = 0):
     """Two rows with different prompt lengths, padding and response lengths on each side."""
     g = torch.Generator().manual_seed(seed)
@@ -318,11 +374,25 @@ def dskd_case(seed: int = 0):
     return s, t, s_head, t_head
 
 
+def dskd(s_head, t_head, temperature=2.0, **kw):
+    s_embed, t_embed = embeds()
+    return DSKD(s_head, t_head, DS, DT, temperature, student_embed=s_embed, teacher_embed=t_embed, **kw)
+
+
 def test_dskd_gradients_reach_student_and_projectors_only():
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
+    s_embed, t_embed = embeds()
     kd = build_kd(
-        "dskd", 2.0, student_head=s_head, teacher_head=t_head, student_dim=DS, teacher_dim=DT, accuracy_gate=False
+        "dskd",
+        2.0,
+        student_head=s_head,
+        teacher_head=t_head,
+        student_embed=s_embed,
+        teacher_embed=t_embed,
+        student_dim=DS,
+        teacher_dim=DT,
+        accuracy_gate=False,
     )
     assert isinstance(kd, DSKD)
     params = list(kd.parameters())
@@ -337,34 +407,100 @@ def test_dskd_gradients_reach_student_and_projectors_only():
     assert s.hidden.grad.abs().sum() > 0 and s.logits.grad.abs().sum() > 0
     assert t.hidden.grad is None and t.logits.grad is None
     assert t_head.weight.grad is None and s_head.weight.grad is None
+    assert s_embed.weight.grad is None and t_embed.weight.grad is None
 
 
-def test_dskd_with_embedding_modules():
-    """The paper's index embeddings come from the input embedding tables; they get no gradient."""
+def _kl(p_logits, q_logits, temperature):
+    p = np.exp(p_logits / temperature) / np.exp(p_logits / temperature).sum()
+    q = np.exp(q_logits / temperature) / np.exp(q_logits / temperature).sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dskd_hand_value_has_no_temperature_squared(temperature):
+    """One prediction per side, so each attention weight is 1 and each projected hidden state is the value of the
+    single other-side position; the value projectors are set to constants (weight 0, bias b). By DSKD's formulas
+    (criterions/dual_space_kd_with_cross_model_attention.py, KL at temperature T, no T^2):
+
+        t2s = head_s(b_s);  s2t = head_t(b_t)
+        KD  = CE(t2s, y_s) + KL(softmax(t2s / T) || softmax(z_s / T)) + KL(softmax(z_t / T) || softmax(s2t / T))
+    """
+    ds, dt = 2, 2
+    s_head, t_head = torch.nn.Linear(ds, 3, bias=False), torch.nn.Linear(dt, 4, bias=False)
+    with torch.no_grad():
+        s_head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        t_head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.5, 0.5]]))
+    kd = DSKD(
+        s_head, t_head, ds, dt, temperature,
+        student_embed=torch.nn.Embedding(3, ds), teacher_embed=torch.nn.Embedding(4, dt), accuracy_gate=False,
+    )  # fmt: skip
+    b_s, b_t = [0.5, -1.0], [2.0, 1.0]
+    with torch.no_grad():
+        kd.t2s.weight.zero_()
+        kd.t2s.bias.copy_(torch.tensor(b_s))
+        kd.s2t.weight.zero_()
+        kd.s2t.bias.copy_(torch.tensor(b_t))
+    z_s, z_t = [0.3, -0.2, 1.0], [1.0, 0.0, -1.0, 2.0]
+    y_s = 2  # the student's target token
+    s = KDSide(
+        torch.tensor([[z_s, [0.0, 0.0, 0.0]]]), torch.randn(1, 2, ds), torch.tensor([[0, y_s]]),
+        torch.tensor([[-1, 0]]), torch.tensor([[0.0, 1.0]]),
+    )  # fmt: skip
+    t = KDSide(
+        torch.tensor([[z_t, [0.0] * 4]]), torch.randn(1, 2, dt), torch.tensor([[1, 3]]),
+        torch.tensor([[-1, 0]]), torch.tensor([[0.0, 1.0]]),
+    )  # fmt: skip
+    loss, metrics = kd(s, t)
+
+    t2s = np.array([b_s[0], b_s[1], b_s[0] + b_s[1]])  # head_s(b_s) = [0.5, -1.0, -0.5]
+    s2t = np.array([b_t[0], b_t[1], -b_t[0], 0.5 * (b_t[0] + b_t[1])])  # head_t(b_t) = [2, 1, -2, 1.5]
+    ce = -(t2s[y_s] - np.log(np.exp(t2s).sum()))
+    kl_t2s = _kl(t2s, np.array(z_s), temperature)
+    kl_s2t = _kl(np.array(z_t), s2t, temperature)
+    assert metrics["kd_t2s_ce"] == pytest.approx(ce, abs=1e-5)
+    assert metrics["kd_t2s_kl"] == pytest.approx(kl_t2s, abs=1e-5)
+    assert metrics["kd_s2t_kl"] == pytest.approx(kl_s2t, abs=1e-5)
+    assert loss.item() == pytest.approx(ce + kl_t2s + kl_s2t, abs=1e-5)
+
+
+def test_dskd_index_embeddings_come_from_the_input_embedding_modules():
+    """DSKD's query and key are [embedding of the input token; embedding of the target token] from each model's
+    input embedding table (``model.model.embed_tokens``), which differs from the LM head of an untied model."""
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
-    s_embed, t_embed = torch.nn.Embedding(VS, DS), torch.nn.Embedding(VT, DT)
-    kd = build_kd(
-        "dskd",
-        2.0,
-        student_head=s_head,
-        teacher_head=t_head,
-        student_embed=s_embed,
-        teacher_embed=t_embed,
-        accuracy_gate=False,
-    )
-    assert len(list(kd.parameters())) == 6
+    s_embed, t_embed = embeds()
+    seen = {}
+    s_embed.register_forward_hook(lambda m, inp, out: seen.setdefault("student", []).append(inp[0].clone()))
+    t_embed.register_forward_hook(lambda m, inp, out: seen.setdefault("teacher", []).append(inp[0].clone()))
+    kd = DSKD(s_head, t_head, DS, DT, 2.0, student_embed=s_embed, teacher_embed=t_embed, accuracy_gate=False)
     loss, _ = kd(s, t)
-    assert torch.isfinite(loss) and loss.item() >= 0
+    # the student table looked up the input and target ids of its predictions (0 elsewhere, as DSKD does)
+    ms = torch.zeros(2, 7, dtype=torch.bool)
+    ms[:, :-1] = s.target_mask[:, 1:] > 0
+    inputs, targets = seen["student"]
+    assert torch.equal(inputs, torch.where(ms, s.input_ids, 0))
+    assert torch.equal(targets[:, :-1], torch.where(ms[:, :-1], s.input_ids[:, 1:], 0))
+    assert len(seen["teacher"]) == 2
+    # head rows as embeddings (the old behaviour, wrong for untied models) give another value
+    head_rows = DSKD(
+        s_head, t_head, DS, DT, 2.0,
+        student_embed=torch.nn.Embedding.from_pretrained(s_head.weight.detach()),
+        teacher_embed=torch.nn.Embedding.from_pretrained(t_head.weight.detach()),
+        accuracy_gate=False,
+    )  # fmt: skip
+    head_rows.load_state_dict(kd.state_dict())
+    assert head_rows(s, t)[0].item() != pytest.approx(loss.item(), abs=1e-4)
     loss.backward()
     assert s_embed.weight.grad is None and t_embed.weight.grad is None
     assert kd.query.weight.grad.abs().sum() > 0 and s.logits.grad.abs().sum() > 0
+    with pytest.raises(PrefkdError, match="input embedding"):
+        DSKD(s_head, t_head, DS, DT, 2.0)
 
 
 def test_dskd_accuracy_gate_still_trains_student_hidden():
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
-    kd = DSKD(s_head, t_head, DS, DT, temperature=2.0)  # gate on (the authors' release)
+    kd = dskd(s_head, t_head)  # gate on (the authors' release)
     loss, _ = kd(s, t)
     loss.backward()
     assert s.hidden.grad.abs().sum() > 0 and t.hidden.grad is None
@@ -376,7 +512,7 @@ def test_dskd_training_projectors_reduces_loss():
     teacher gets sharper. Training projectors and student together lowers the whole term."""
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
-    kd = DSKD(s_head, t_head, DS, DT, temperature=2.0)
+    kd = dskd(s_head, t_head)
     opt = torch.optim.Adam(kd.parameters(), lr=3e-2)
 
     def projector_objective(m):
@@ -392,7 +528,7 @@ def test_dskd_training_projectors_reduces_loss():
 
     torch.manual_seed(1)
     s, t, s_head, t_head = dskd_case()
-    kd = DSKD(s_head, t_head, DS, DT, temperature=2.0)
+    kd = dskd(s_head, t_head)
     opt = torch.optim.Adam(list(kd.parameters()) + [s.logits, s.hidden], lr=1e-1)
     first = kd(s, t)[0].item()
     for _ in range(40):
@@ -413,9 +549,18 @@ def all_terms():
     vocab_t = {"b": 0, "a": 1, "x": 2, "cc": 3, "d": 4, "e": 5, "f": 6}
     return {
         "uld": ULD(2.0),
-        "mined": MinED(mined_map_from_vocabs(vocab_t, vocab_s), 2.0),
+        "mined": MinED.from_vocabs(vocab_t, vocab_s, temperature=2.0),
         "cdm": CDM.from_vocabs(vocab_t, vocab_s, temperature=2.0, topk=4),
-        "dskd": DSKD(s_head, t_head, DS, DT, temperature=2.0, accuracy_gate=False),
+        "dskd": DSKD(
+            s_head,
+            t_head,
+            DS,
+            DT,
+            2.0,
+            student_embed=torch.nn.Embedding(5, DS),
+            teacher_embed=torch.nn.Embedding(7, DT),
+            accuracy_gate=False,
+        ),  # fmt: skip
     }
 
 
@@ -437,8 +582,8 @@ def test_masked_positions_do_not_matter(name):
     assert torch.isfinite(base) and base.item() >= 0
     # never predictions: student 0 (predicts a prompt token) and 5 (last); teacher 0, 1 (prompt), 5, 6 (EOS, pad)
     s_out, t_out = [0, 5], [0, 1, 5, 6]
-    if name in ("mined", "cdm"):
-        s_out = s_out + [3]  # inside span 1: no teacher counterpart
+    if name == "cdm":
+        s_out = s_out + [3]  # inside span 1: no teacher counterpart (MinED uses it: DTW-aligned or one-hot)
     if name == "uld":
         s_out = s_out + [4]  # the student's 4th prediction has no 4th teacher prediction
     changed = run(
@@ -472,8 +617,6 @@ def test_kd_mix_and_factory_errors():
     ce, kd = torch.tensor(2.0), torch.tensor(4.0)
     assert kd_mix(ce, kd).item() == pytest.approx(3.0)
     assert kd_mix(ce, kd, kappa=0.25).item() == pytest.approx(2.5)
-    from prefkd.errors import PrefkdError
-
     with pytest.raises(PrefkdError, match="one of dskd, uld, mined, cdm"):
         build_kd("nope")
     with pytest.raises(PrefkdError, match="tokenizers"):
@@ -532,7 +675,8 @@ def test_mined_and_cdm_run_on_real_vocab_sizes(teacher_tokenizer, student_tokeni
     for name in ("mined", "cdm"):
         kd = build_kd(name, 2.0, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer)
         loss, metrics = kd(s, t)
-        assert torch.isfinite(loss) and loss.item() >= 0 and metrics["kd_positions"] == 3
+        # MinED: every student prediction (DTW-aligned or one-hot); CDM: the three aligned unit starts
+        assert torch.isfinite(loss) and loss.item() >= 0 and metrics["kd_positions"] == {"mined": 4, "cdm": 3}[name]
         loss.backward()
     assert s_logits.grad.abs().sum() > 0
 
@@ -589,7 +733,12 @@ def test_all_terms_end_to_end_on_real_shard_rows(teacher_tokenizer, student_toke
     assert same.float().mean() > 0.5
     assert torch.equal(mapping[t_next[same]], s_next[same])
 
-    heads = dict(student_head=student.get_output_embeddings(), teacher_head=teacher.get_output_embeddings())
+    heads = dict(
+        student_head=student.get_output_embeddings(),
+        teacher_head=teacher.get_output_embeddings(),
+        student_embed=student.get_input_embeddings(),
+        teacher_embed=teacher.get_input_embeddings(),
+    )
     for name in KD_NAMES:
         extra = heads if name == "dskd" else {}
         kd = build_kd(name, 2.0, teacher_tokenizer=teacher_tokenizer, student_tokenizer=student_tokenizer, **extra)

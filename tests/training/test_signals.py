@@ -36,18 +36,93 @@ def test_ctpd_weights_follow_the_formula_and_ranges():
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_every_transform_is_finite_positive_and_deterministic(transform):
+def test_every_transform_is_finite_non_negative_and_deterministic(transform):
+    # (non-negative, not positive: binary_top gives 0 to the units outside its top share, as TIS-DPO's code does)
     spec = WeightSpec(transform=transform)
     d = np.linspace(-2, 2, 11)
     a = transform_weights(d, 1.0, spec, pair_id=3, side="chosen")
     b = transform_weights(d, 1.0, spec, pair_id=3, side="chosen")
-    assert np.array_equal(a, b) and np.all(np.isfinite(a)) and np.all(a > 0) and len(a) == 11
+    assert np.array_equal(a, b) and np.all(np.isfinite(a)) and np.all(a >= 0) and len(a) == 11
     if transform == "random":
         assert not np.array_equal(a, transform_weights(d, 1.0, spec, pair_id=4, side="chosen"))
     if transform == "uniform":
         assert np.all(a == 1.0)
     if transform in ("rank", "binary_top"):
-        assert a[-1] >= a[0]  # larger delta, larger chosen weight
+        assert a[-1] > a[0]  # larger delta, larger chosen weight
+
+
+# TIS-DPO's released code (preference_datasets.py: binary_weight_transform, rank_based_transform,
+# random_weight_transform) maps the scores mu * delta of one response's tokens to weights:
+#   binary: 1 for the top ``int(n * top_percent / 100)`` scores, else 0 (a score value shared across the cut gets 0);
+#   rank:   0.7 + 0.6 * rank / (n - 1), rank 0 = lowest score (ties: the earlier token ranks lower); 1.0 when n = 1;
+#   random: Uniform(0.7, 1.3) per token, the same on both responses;
+# and gives the EOS token weight 0 (tokenize_batch_element appends [0] after the response's weights).
+D10 = np.array([0.5, -1.0, 2.0, 0.1, 1.2, -0.3, 0.9, 0.0, 0.4, 3.0])
+
+
+def test_binary_top_is_one_for_the_top_share_and_zero_elsewhere():
+    spec = WeightSpec(transform="binary_top", top_fraction=0.3)  # int(10 * 30 / 100) = 3 units get 1
+    chosen = transform_weights(D10, 1.0, spec)  # top scores 3.0 (unit 9), 2.0 (unit 2), 1.2 (unit 4)
+    assert chosen.tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 0, 1]
+    rejected = transform_weights(D10, -1.0, spec)  # scores -delta: top 1.0 (unit 1), 0.3 (unit 5), -0.0 (unit 7)
+    assert rejected.tolist() == [0, 1, 0, 0, 0, 1, 0, 1, 0, 0]
+    # 7 units at 30 %: int(2.1) = 2 get 1
+    assert transform_weights(D10[:7], 1.0, spec).tolist() == [0, 0, 1, 0, 1, 0, 0]
+    # ties across the cut: [1, 1, 1, 0] at 50 % -> 2 places for three equal top scores -> none of them gets 1
+    assert transform_weights(
+        np.array([1.0, 1.0, 1.0, 0.0]), 1.0, WeightSpec(transform="binary_top", top_fraction=0.5)
+    ).tolist() == [0, 0, 0, 0]
+    # TIS-DPO's default top_percent = 100: every unit 1
+    assert transform_weights(D10, 1.0, WeightSpec(transform="binary_top", top_fraction=1.0)).tolist() == [1] * 10
+
+
+def test_rank_is_a_linear_range_from_0_7_to_1_3():
+    spec = WeightSpec(transform="rank")
+    d = D10[:5]  # ascending: -1.0 (unit 1), 0.1 (3), 0.5 (0), 1.2 (4), 2.0 (2)
+    np.testing.assert_allclose(transform_weights(d, 1.0, spec), [1.0, 0.7, 1.3, 0.85, 1.15], rtol=1e-6)
+    np.testing.assert_allclose(transform_weights(d, -1.0, spec), [1.0, 1.3, 0.7, 1.15, 0.85], rtol=1e-6)
+    # ties: the earlier unit ranks lower (a stable sort of the scores)
+    np.testing.assert_allclose(transform_weights(np.array([1.0, 1.0, 0.0]), 1.0, spec), [1.0, 1.3, 0.7], rtol=1e-6)
+    assert transform_weights(np.array([5.0]), 1.0, spec).tolist() == [1.0]
+    custom = WeightSpec(transform="rank", scale_min=0.6, scale_max=2.0)
+    np.testing.assert_allclose(transform_weights(d, 1.0, custom), [1.3, 0.6, 2.0, 0.95, 1.65], rtol=1e-6)
+
+
+def test_random_weights_are_uniform_in_0_7_1_3_on_both_sides():
+    spec = WeightSpec(transform="random", seed=1)
+    d = np.zeros(4000)
+    chosen = transform_weights(d, 1.0, spec, pair_id=7, side="chosen")
+    rejected = transform_weights(d, -1.0, spec, pair_id=7, side="rejected")
+    for w in (chosen, rejected):
+        assert w.min() >= 0.7 and w.max() <= 1.3
+        assert w.mean() == pytest.approx(1.0, abs=0.01)  # Uniform(0.7, 1.3): mean 1, sd 0.173 -> 0.003 for 4000
+        assert np.histogram(w, bins=6, range=(0.7, 1.3))[0].min() > 550  # flat: ~667 per bin
+    assert chosen.mean() / rejected.mean() == pytest.approx(1.0, abs=0.02)  # no built-in chosen/rejected asymmetry
+    assert not np.array_equal(chosen, rejected)  # independent draws per side ...
+    # ... that do not depend on the deltas: random ablation weights carry no signal
+    assert np.array_equal(chosen, transform_weights(np.linspace(-9, 9, 4000), 1.0, spec, pair_id=7, side="chosen"))
+    assert not np.array_equal(chosen, transform_weights(d, 1.0, WeightSpec(transform="random", seed=2), 7, "chosen"))
+
+
+@pytest.mark.parametrize("transform", ["ctpd", "rank", "binary_top", "random", "uniform"])
+def test_eos_weight_replaces_the_eos_unit_and_leaves_the_others(transform):
+    spec = WeightSpec(transform=transform, eos_weight=0.0)
+    d = np.append(D10[:5], 7.0)  # the last unit is the EOS
+    with_eos = transform_weights(d, 1.0, spec, pair_id=1, side="chosen", eos=True)
+    assert with_eos[-1] == 0.0
+    # the other units are weighted as if the EOS were not there (rank and binary_top rank them among themselves)
+    alone = transform_weights(d[:-1], 1.0, WeightSpec(transform=transform), pair_id=1, side="chosen")
+    np.testing.assert_array_equal(with_eos[:-1], alone)
+    # a truncated response has no EOS unit: nothing is replaced; without eos_weight the EOS is a unit like any other
+    assert transform_weights(d, 1.0, spec, pair_id=1, side="chosen", eos=False)[-1] != 0.0
+    assert transform_weights(d, 1.0, WeightSpec(transform=transform), pair_id=1, side="chosen", eos=True)[-1] > 0.0
+
+
+def test_tisdpo_signal_set_gives_eos_weight_zero():
+    from prefkd.core.methods import SIGNAL_SETS
+
+    assert SIGNAL_SETS["tisdpo"].eos_weight == 0.0
+    assert all(s.eos_weight is None for name, s in SIGNAL_SETS.items() if name != "tisdpo")
 
 
 def test_bad_spec_is_one_sentence():
@@ -92,6 +167,102 @@ def test_span_values_are_sums_of_token_logps(shard):
         assert s["chosen_ref_logps"][k] == pytest.approx(ref, abs=1e-4)
         assert s["chosen_delta"][k] == pytest.approx(delta, abs=1e-4)
         assert s["chosen_weights"][k] == pytest.approx(math.exp(min(max(delta, -0.5), 1.5)), rel=1e-4)
+
+
+def _unit_token_counts(row: dict, role: str, side: str) -> np.ndarray:
+    """Tokens of ``role`` in every unit (aligned spans, then the EOS unit of an untruncated response)."""
+    from prefkd.data.batches import unit_ids
+
+    units, m = unit_ids(row, role, side, "span")
+    return np.bincount(units[units >= 0], minlength=m)
+
+
+def test_mean_aggregation_averages_every_span_logprob(shard):
+    """Mean aggregation (the CTPD authors' ``average_log_prob`` switch): the delta behind the weight, the
+    reference and the policy span log-probs are all per-token means. The shard folds the student's token counts
+    n_k into the stored values (weight w_k / n_k, reference n_k * mean_ref_k), so that the trainer's weighted sum
+    over the student's summed span log-probs S_k is exactly sum_k w_k (S_k / n_k - mean_ref_k)."""
+    out = shard["root"] / "mean.arrow"
+    run_shard(
+        shard["tokens"],
+        out,
+        "teacher",
+        "span",
+        str(shard["pos"]),
+        str(shard["pos"]),
+        str(shard["neg"]),
+        WeightSpec(aggregation="mean"),
+    )
+    sig = read_shard(out, "signals").to_pylist()
+    rows = read_shard(shard["tokens"]).to_pylist()
+    pos, neg = load_model(str(shard["pos"])), load_model(str(shard["neg"]))
+    batch = collate_pairs(rows[:2], "teacher", "span", pad_id=0)
+    with torch.no_grad():
+        lp_pos = model_token_logps(pos, batch["input_ids"], batch["attention_mask"])
+        lp_neg = model_token_logps(neg, batch["input_ids"], batch["attention_mask"])
+    checked = 0
+    for j, (row, s) in enumerate(zip(rows[:2], sig[:2])):
+        units = batch["unit_ids"][j]
+        n_student = _unit_token_counts(row, "student", "chosen")
+        assert len(s["chosen_weights"]) == len(n_student)
+        for k in range(len(n_student)):
+            mean_pos = float(lp_pos[j][units == k].mean())
+            delta = mean_pos - float(lp_neg[j][units == k].mean())
+            weight = math.exp(min(max(delta, -0.5), 1.5))
+            assert s["chosen_delta"][k] == pytest.approx(delta, abs=1e-4)
+            assert s["chosen_weights"][k] == pytest.approx(weight / n_student[k], rel=1e-4)
+            assert s["chosen_ref_logps"][k] == pytest.approx(n_student[k] * mean_pos, abs=1e-3)
+            checked += int(n_student[k] > 1 or int((units == k).sum()) > 1)
+    assert checked > 0  # some spans have more than one token, where mean and sum differ
+    # the weight statistics describe the weights w_k themselves, not the folded values
+    stats = shard_stats(out)
+    assert stats["spec"]["aggregation"] == "mean" and sum(stats["weight_hist"]["chosen"]) == stats["units"]["chosen"]
+
+    # end to end: the one preference loss over the folded shard is the mean-aggregated CTPD loss
+    from prefkd.core.preference import PairUnits, preference_loss
+
+    table = PairTable([shard["tokens"]], [out])
+    trows = table.rows(range(3))
+    b = collate_pairs(trows, "student", "span", pad_id=0, with_signals=True)
+    g = torch.Generator().manual_seed(0)
+    policy = -torch.rand(b["unit_mask"].shape, generator=g) * 5  # student span sums S_k
+    out_loss = preference_loss(PairUnits(policy, b["ref_logps"], b["weights"], b["unit_mask"]), beta=0.1)
+    margins = []
+    for side_i, side in enumerate(("chosen", "rejected")):
+        for j, row in enumerate(trows):
+            n = _unit_token_counts(row, "student", side)
+            w = np.asarray(row["signals"][f"{side}_weights"]) * n  # w_k
+            mean_ref = np.asarray(row["signals"][f"{side}_ref_logps"]) / n
+            s_k = policy[side_i * len(trows) + j, : len(n)].double().numpy()
+            margins.append(float(np.sum(w * (s_k / n - mean_ref))))
+    m_w, m_l = np.array(margins[:3]), np.array(margins[3:])
+    expected = -np.log(1 / (1 + np.exp(-0.1 * (m_w - m_l))))
+    np.testing.assert_allclose(out_loss.losses.numpy(), expected, rtol=1e-5)
+
+
+def test_eos_weight_in_a_signal_shard(shard, teacher_tokenizer, student_tokenizer):
+    # 6 pairs at max length 80: some responses are truncated (no EOS unit), some are not
+    records = [dict(pair_id=i, **p) for i, p in enumerate(generate_demo_pairs(6, seed=1))]
+    table, stats = tokenize_pairs(records, ModelTokens(teacher_tokenizer), ModelTokens(student_tokenizer), 80, 40)
+    tokens = shard["root"] / "tokens-80.arrow"
+    write_shard(table, tokens, kind="tokens", stats=stats)
+    out = shard["root"] / "eos0.arrow"
+    run_shard(
+        tokens, out, "teacher", "token", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]),
+        WeightSpec(eos_weight=0.0),
+    )  # fmt: skip
+    sig = read_shard(out, "signals").to_pylist()
+    rows = read_shard(tokens).to_pylist()
+    truncated = 0
+    for row, s in zip(rows, sig):
+        for side in ("chosen", "rejected"):
+            w = s[f"{side}_weights"]
+            if row[f"{side}_truncated"]:  # no EOS unit: the last token keeps its weight
+                truncated += 1
+                assert w[-1] > 0
+            else:
+                assert w[-1] == 0.0 and min(w[:-1]) > 0
+    assert 0 < truncated < 12
 
 
 def test_identical_contrastive_models_give_unit_weights_and_rerun_is_byte_identical(shard):

@@ -18,11 +18,12 @@ Conventions shared by all terms
 * Teacher tensors are detached inside every term: the teacher gets no gradient, ever.
 * A loss is the mean over its contributing positions; with none it is an exact 0 that still has a
   graph to the student (so a step with an empty batch is harmless). ``metrics`` are plain floats.
-* Temperature ``T`` divides both models' logits. KL terms (MinED, CDM, DSKD) are multiplied by T^2
-  (Hinton's gradient-scale correction); the ULD distance is not (it is a bounded L1 distance, in [0, 2]).
+* Temperature ``T`` divides both models' logits. The KL terms of DSKD and MinED are not multiplied by
+  T^2, as in the DSKD authors' code of both; CDM's KL is (Hinton's gradient-scale correction); the ULD
+  distance is not (it is a bounded L1 distance, in [0, 2]).
 
-Position alignment (MinED and CDM)
-----------------------------------
+Position alignment (CDM)
+------------------------
 The shards give every response token an aligned *unit*: span k is the same bytes on both sides, and
 a final EOS unit is the same "end of response" on both sides (``prefkd.data.batches.unit_ids``). A
 prediction is comparable across the two models only when both have seen exactly the same text and
@@ -33,11 +34,13 @@ units 0..k-1 (the same bytes) and both predict "the next token starting at the b
 starts" (for the EOS unit: the end of the response). So one aligned pair per unit present on both
 sides; for the usual 1:1 spans that is every prediction, inside a multi-token span the predictions
 after its first token are skipped (their contexts differ between the models). This replaces the
-DTW alignment of token strings used by FuseLLM / MinED and CDM with an exact byte alignment.
+DTW alignment of token strings used by CDM's code with an exact byte alignment.
 
-ULD pairs positions by order within the response instead (the i-th response prediction of the
-student with the i-th of the teacher, for i < the shorter length), as Boizard et al. do. DSKD needs
-no pairing: its cross-model attention aligns positions softly.
+MinED keeps its baseline's own alignment: DTW of the two token sequences with the token strings' edit
+distance as the cost (``prefkd.training.kd.dtw``, see ``MinED``). ULD pairs positions by order within
+the response (the i-th response prediction of the student with the i-th of the teacher, for i < the
+shorter length), as Boizard et al. do. DSKD needs no pairing: its cross-model attention aligns
+positions softly.
 
 What each term needs from a ``KDSide``
 --------------------------------------
@@ -45,7 +48,7 @@ What each term needs from a ``KDSide``
 term      logits  hidden  input_ids  unit_ids  target_mask
 ========  ======  ======  =========  ========  ===========
 ULD       yes     --      --         --        yes
-MinED     yes     --      --         yes       yes
+MinED     yes     --      yes        --        yes
 CDM       yes     --      --         yes       yes
 DSKD      yes     yes     yes        --        yes
 ========  ======  ======  =========  ========  ===========
@@ -85,20 +88,22 @@ def build_kd(
     teacher_head=None,
     student_dim=None,
     teacher_dim=None,
+    student_embed=None,
+    teacher_embed=None,
     **options,
 ) -> KDLoss:
-    """A KD term by name: ``dskd`` (needs the heads), ``uld``, ``mined`` and ``cdm`` (need both tokenizers).
+    """A KD term by name: ``dskd`` (needs both models' LM heads and input embedding modules; other terms ignore
+    them), ``uld``, ``mined`` and ``cdm`` (need both tokenizers).
 
     Extra ``options`` (anything else is an error): mined -> ``cache_dir``; cdm -> ``topk``,
-    ``threshold``, ``max_token_bytes``, ``chunk``; dskd -> ``student_embed``, ``teacher_embed``,
-    ``accuracy_gate``.
+    ``threshold``, ``max_token_bytes``, ``chunk``; dskd -> ``accuracy_gate``.
     """
     key = str(name).lower()
     allowed = {
         "uld": set(),
         "mined": {"cache_dir"},
         "cdm": {"topk", "threshold", "max_token_bytes", "chunk"},
-        "dskd": {"student_embed", "teacher_embed", "accuracy_gate"},
+        "dskd": {"accuracy_gate"},
     }
     if key not in allowed:
         raise PrefkdError(f"the KD term must be one of {', '.join(KD_NAMES)}, got {name!r}.")
@@ -112,7 +117,16 @@ def build_kd(
     if key in ("mined", "cdm") and (teacher_tokenizer is None or student_tokenizer is None):
         raise PrefkdError(f"the {key} KD term needs both tokenizers (teacher_tokenizer=, student_tokenizer=).")
     if key == "mined":
-        return MinED(build_mined_map(teacher_tokenizer, student_tokenizer, options.get("cache_dir")), temperature)
+        return MinED.from_tokenizers(teacher_tokenizer, student_tokenizer, temperature, options.get("cache_dir"))
     if key == "cdm":
         return CDM.from_tokenizers(teacher_tokenizer, student_tokenizer, temperature=temperature, **options)
-    return DSKD(student_head, teacher_head, student_dim, teacher_dim, temperature, **options)
+    return DSKD(
+        student_head,
+        teacher_head,
+        student_dim,
+        teacher_dim,
+        temperature,
+        student_embed=student_embed,
+        teacher_embed=teacher_embed,
+        **options,
+    )

@@ -19,17 +19,15 @@ def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden.to(weight.device, weight.dtype), weight, bias).float().to(hidden.device)
 
 
-def _embedder(embed, head) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ids -> embeddings (on the ids' device): the given embedding module, else the head's weight rows."""
-    if embed is not None:
-        weight = getattr(embed, "weight", None)
+def _embedder(embed) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids -> embeddings (on the ids' device) through a model's input embedding module."""
+    weight = getattr(embed, "weight", None)
 
-        def lookup(ids):
-            moved = ids.to(weight.device) if weight is not None else ids
-            return embed(moved).to(ids.device)
+    def lookup(ids):
+        moved = ids.to(weight.device) if weight is not None else ids
+        return embed(moved).to(ids.device)
 
-        return lookup
-    return lambda ids: head.weight[ids.to(head.weight.device)].to(ids.device)
+    return lookup
 
 
 class DSKD(KDLoss):
@@ -49,19 +47,21 @@ class DSKD(KDLoss):
       masked to the response predictions of the same row;
     * student space: ``h_t->s_i = sum_j softmax_j(score) W_t2s(h_t_j / std + e_t(y_j) / std)``,
       logits through the STUDENT head; ``CE(t->s logits, student targets)`` trains the projectors and
-      ``T^2 KL(softmax(t->s / T) (detached) || softmax(z_s / T))`` distils into the student, on the
+      ``KL(softmax(t->s / T) (detached) || softmax(z_s / T))`` distils into the student, on the
       positions where the projected teacher already predicts the target (``accuracy_gate``, as in the
       authors' release; off: all positions);
     * teacher space: ``h_s->t_j = sum_i softmax_i(score) W_s2t(h_s_i)``, logits through the (frozen)
-      TEACHER head, ``T^2 KL(softmax(z_t / T) || softmax(s->t / T))`` -- the gradient reaches the
+      TEACHER head, ``KL(softmax(z_t / T) || softmax(s->t / T))`` -- the gradient reaches the
       student hidden states and the projectors, not the teacher head.
 
     KD = CE_t->s + KL_student-space + KL_teacher-space, each a mean over its response predictions
-    (the gated KL is averaged over all student predictions, ungated ones contributing 0).
+    (the gated KL is averaged over all student predictions, ungated ones contributing 0). The KL terms
+    are NOT multiplied by T^2: the authors' code (``compute_forward_kl_divergence``) divides both
+    models' logits by T and adds the KL to the CE as is.
 
-    Embeddings: pass ``student_embed`` / ``teacher_embed`` (the models' input embedding modules, as
-    the paper uses) when available; otherwise each model's head weight rows serve as token
-    embeddings (identical for tied-embedding models such as small Qwen2.5). They get no gradient.
+    Embeddings: ``student_embed`` / ``teacher_embed`` are the models' input embedding modules
+    (``model.get_input_embeddings()``, what DSKD's code takes as ``model.model.embed_tokens``); for an
+    untied model they differ from the LM head's rows. They get no gradient.
     """
 
     name = "dskd"
@@ -80,6 +80,11 @@ class DSKD(KDLoss):
         super().__init__(temperature)
         if student_head is None or teacher_head is None:
             raise PrefkdError("DSKD needs the student and teacher LM heads (student_head=, teacher_head=).")
+        if student_embed is None or teacher_embed is None:
+            raise PrefkdError(
+                "DSKD needs both models' input embedding modules (student_embed=, teacher_embed=: "
+                "model.get_input_embeddings())."
+            )
         ds = int(student_dim or student_head.weight.shape[1])
         dt = int(teacher_dim or teacher_head.weight.shape[1])
         if student_head.weight.shape[1] != ds or teacher_head.weight.shape[1] != dt:
@@ -96,8 +101,8 @@ class DSKD(KDLoss):
         self._frozen = (
             student_head,
             teacher_head,
-            _embedder(student_embed, student_head),
-            _embedder(teacher_embed, teacher_head),
+            _embedder(student_embed),
+            _embedder(teacher_embed),
         )
 
     @staticmethod
@@ -153,7 +158,7 @@ class DSKD(KDLoss):
                 f"the student head gives {t2s_logits.shape[-1]} logits but the student logits have {zs.shape[-1]}."
             )
         gate = correct if self.accuracy_gate else torch.ones_like(correct)
-        t2s_kl = (kl_rows(t2s_logits.detach(), zs, self.temperature) * gate).mean() * self.temperature**2
+        t2s_kl = (kl_rows(t2s_logits.detach(), zs, self.temperature) * gate).mean()
 
         # teacher space: student -> teacher
         s2t_h = torch.softmax(score.transpose(1, 2), dim=-1) @ v_s2t.float()  # [B, Tt, dt]
@@ -163,7 +168,7 @@ class DSKD(KDLoss):
             raise PrefkdError(
                 f"the teacher head gives {s2t_logits.shape[-1]} logits but the teacher logits have {zt.shape[-1]}."
             )
-        s2t_kl = kl_rows(zt, s2t_logits, self.temperature).mean() * self.temperature**2
+        s2t_kl = kl_rows(zt, s2t_logits, self.temperature).mean()
 
         loss = t2s_ce + t2s_kl + s2t_kl
         metrics = {

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from prefkd.errors import PrefkdError
-from prefkd.training.kd.base import NO_ID, KDLoss, KDSide, zero_loss
-from prefkd.training.kd.pairing import aligned_unit_predictions
+from prefkd.training.kd.base import NO_ID, KDLoss, KDSide, check_pair, prediction_mask, zero_loss
+from prefkd.training.kd.dtw import dtw_align, edit_distances, token_edit_costs
 from prefkd.training.kd.strings import TokenizerStrings, vocab_list
 
 MINED_ALGORITHM_VERSION = "mined-v1"
@@ -60,24 +60,6 @@ class _StudentIndex:
         return int(self.len_start[lo_len]), int(self.len_start[hi_len + 1])
 
 
-def _edit_distances(query: bytes, mat: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Levenshtein distance between ``query`` and every row of ``mat`` (padded with -1), row lengths ``lens``.
-
-    One dynamic-programming row per query byte, vectorised over candidates; the insertion chain
-    inside a row is a running minimum (``min_k D[k] + (j - k)`` = cummin(D - j) + j).
-    """
-    m, width = mat.shape
-    ar = np.arange(width + 1, dtype=np.int32)
-    d = np.broadcast_to(ar, (m, width + 1)).copy()
-    new = np.empty_like(d)
-    for i, byte in enumerate(query):
-        cost = (mat != byte).astype(np.int32)
-        new[:, 0] = i + 1
-        np.minimum(d[:, 1:] + 1, d[:, :-1] + cost, out=new[:, 1:])
-        d = np.minimum.accumulate(new - ar, axis=1) + ar
-    return d[np.arange(m), lens]
-
-
 def _nearest_student(query: bytes, index: _StudentIndex) -> int:
     """The student id closest to ``query`` by byte edit distance (ties: a prefix, then a substring, then the lowest id).
 
@@ -110,7 +92,7 @@ def _nearest_student(query: bytes, index: _StudentIndex) -> int:
     if surv.size == 0:
         return best[2]
     lens = index.lens[surv]
-    dist = _edit_distances(query, index.mat[surv, : int(lens.max())], lens)
+    dist = edit_distances(query, index.mat[surv, : int(lens.max())], lens)
     key = dist.astype(np.int64) * (int(index.ids.max()) + 1) + index.ids[surv]
     j = int(np.argmin(key))
     if dist[j] < d1:
@@ -223,24 +205,50 @@ def build_mined_map(teacher_tokenizer, student_tokenizer, cache_dir: str | Path 
 
 
 class MinED(KDLoss):
-    """KD through a static minimum-edit-distance vocabulary map (FuseLLM / DSKD's MinED baseline).
+    """KD through DTW-aligned token sequences and a minimum-edit-distance vocabulary map: the MinED baseline as the
+    DSKD authors implement it (``criterions/min_edit_dis_kld.py``, after FuseLLM, Wan et al. 2024).
 
-    At every aligned unit-start pair (``aligned_unit_predictions``) the teacher distribution
-    ``softmax(z_t / T)`` is projected onto the student vocabulary by adding each teacher token's
-    probability onto its mapped student id (so it stays a distribution), and the loss is
-    ``T^2 * KL(p_t mapped || softmax(z_s / T))``, averaged over aligned pairs. Teacher logit
-    columns beyond the map (padding rows of an embedding matrix) are dropped.
+    Per row, the input tokens of the student's predictions and those of the teacher's predictions (the last prompt
+    token and the response tokens before the last) are aligned by DTW with the edit distance of their strings as the
+    cost (``prefkd.training.kd.dtw``). A student prediction whose input token is aligned to exactly one teacher
+    token, which the vocabulary map sends to the student's own input token, learns the teacher's distribution at
+    that teacher position: ``softmax(z_t / T)`` moved onto the student vocabulary by adding each teacher token's
+    probability onto its mapped student id (teacher logit columns beyond the map, padding rows of an embedding
+    matrix, are dropped). Every other student prediction (aligned to several teacher tokens, or to a token that maps
+    elsewhere) learns a one-hot distribution on its own target token, as DSKD's code does. The loss is the forward
+    ``KL(p || softmax(z_s / T))`` at temperature T -- no T^2 factor, as in DSKD -- averaged over the student's
+    predictions.
     """
 
     name = "mined"
 
-    def __init__(self, teacher_to_student: torch.Tensor, temperature: float = 2.0):
+    def __init__(
+        self,
+        teacher_to_student: torch.Tensor,
+        teacher_pieces: Sequence[bytes],
+        student_pieces: Sequence[bytes],
+        temperature: float = 2.0,
+    ):
         super().__init__(temperature)
         mapping = torch.as_tensor(teacher_to_student, dtype=torch.long)
         if mapping.dim() != 1 or mapping.numel() == 0 or int(mapping.min()) < 0:
             raise PrefkdError("the MinED map must be a non-empty 1-D tensor of student ids (>= 0).")
         self.register_buffer("teacher_to_student", mapping, persistent=False)
         self.max_student_id = int(mapping.max())
+        self.map_list = mapping.tolist()
+        self.teacher_pieces, self.student_pieces = list(teacher_pieces), list(student_pieces)
+
+    @classmethod
+    def from_tokenizers(cls, teacher_tokenizer, student_tokenizer, temperature: float = 2.0, cache_dir=None) -> "MinED":
+        t = TokenizerStrings.from_tokenizer(teacher_tokenizer)
+        s = TokenizerStrings.from_tokenizer(student_tokenizer)
+        mapping = build_mined_map(teacher_tokenizer, student_tokenizer, cache_dir)
+        return cls(mapping, t.pieces, s.pieces, temperature)
+
+    @classmethod
+    def from_vocabs(cls, teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, int], temperature: float = 2.0):
+        mapping = mined_map_from_vocabs(teacher_vocab, student_vocab)
+        return cls(mapping, vocab_list(teacher_vocab), vocab_list(student_vocab), temperature)
 
     def project(self, teacher_logits: torch.Tensor, student_vocab: int) -> torch.Tensor:
         """Teacher probabilities (rows of ``teacher_logits``) moved onto the student vocabulary: [N, V_s]."""
@@ -254,15 +262,60 @@ class MinED(KDLoss):
         p = torch.softmax(teacher_logits[:, :v].float() / self.temperature, dim=-1)
         return torch.zeros(p.shape[0], student_vocab, dtype=p.dtype, device=p.device).index_add_(1, mapping, p)
 
+    def _piece(self, pieces: list[bytes], i: int) -> bytes:
+        return pieces[i] if 0 <= i < len(pieces) else b""
+
+    def align_row(self, s_tokens: list[int], t_tokens: list[int]) -> list[int]:
+        """Per student prediction: the index of its teacher prediction, or -1 (one-hot target)."""
+        if not t_tokens:
+            return [-1] * len(s_tokens)
+        cost = token_edit_costs(
+            [self._piece(self.teacher_pieces, i) for i in t_tokens],
+            [self._piece(self.student_pieces, j) for j in s_tokens],
+        )
+        path, _ = dtw_align(cost)
+        out = []
+        for j, rows in enumerate(path):
+            t_id = t_tokens[rows[0]] if len(rows) == 1 else -1
+            consistent = 0 <= t_id < len(self.map_list) and self.map_list[t_id] == s_tokens[j]
+            out.append(rows[0] if consistent else -1)
+        return out
+
+    def _pairs(self, student: KDSide, teacher: KDSide):
+        """(row, student position, teacher position or -1) of every student prediction (LongTensors)."""
+        ms, mt = prediction_mask(student).cpu(), prediction_mask(teacher).cpu()
+        s_ids, t_ids = student.input_ids.cpu(), teacher.input_ids.cpu()
+        rows, s_pos, t_pos = [], [], []
+        for b in range(ms.shape[0]):
+            ps, pt = ms[b].nonzero().flatten(), mt[b].nonzero().flatten()
+            match = self.align_row(s_ids[b, ps].tolist(), t_ids[b, pt].tolist())
+            rows += [b] * len(match)
+            s_pos += ps.tolist()
+            t_pos += [int(pt[i]) if i >= 0 else -1 for i in match]
+        return (torch.tensor(x, dtype=torch.long) for x in (rows, s_pos, t_pos))
+
     def forward(self, student: KDSide, teacher: KDSide):
-        b, ps, pt = aligned_unit_predictions(student, teacher)
+        check_pair(student, teacher)
+        b, ps, pt = self._pairs(student, teacher)
         if b.numel() == 0:
-            return zero_loss(student.logits), {"kd": 0.0, "kd_positions": 0}
-        dev_t = teacher.logits.device
-        zt = teacher.logits.detach()[b.to(dev_t), pt.to(dev_t)].to(student.logits.device)
-        zs = student.logits[b, ps].float()
-        p = self.project(zt, zs.shape[-1])
-        logq = F.log_softmax(zs / self.temperature, dim=-1)
-        kl = (torch.xlogy(p, p) - p * logq).sum(-1).clamp_min(0.0)
-        loss = kl.mean() * self.temperature**2
-        return loss, {"kd": float(loss.detach()), "kd_positions": int(b.numel())}
+            return zero_loss(student.logits), {"kd": 0.0, "kd_positions": 0, "kd_aligned": 0.0}
+        dev = student.logits.device
+        b, ps, pt = b.to(dev), ps.to(dev), pt.to(dev)
+        logq = F.log_softmax(student.logits[b, ps].float() / self.temperature, dim=-1)  # [N, V_s]
+        aligned = pt >= 0
+        kl = logq.new_zeros(())
+        if bool(aligned.any()):
+            dev_t = teacher.logits.device
+            zt = teacher.logits.detach()[b[aligned].to(dev_t), pt[aligned].to(dev_t)].to(dev)
+            p = self.project(zt, logq.shape[-1])
+            kl = (torch.xlogy(p, p) - p * logq[aligned]).sum(-1).clamp_min(0.0).sum()
+        # one-hot on the student's own target token: KL(onehot || q) = -log q(target)
+        target = student.input_ids.to(dev)[b[~aligned], ps[~aligned] + 1]
+        ce = -logq[~aligned].gather(1, target[:, None]).sum()
+        loss = (kl + ce) / b.numel()
+        metrics = {
+            "kd": float(loss.detach()),
+            "kd_positions": int(b.numel()),
+            "kd_aligned": float(aligned.float().mean()),
+        }
+        return loss, metrics
