@@ -411,7 +411,8 @@ def training_flops(c: TrainingCase, train_pairs: float) -> float:
 
 @dataclass(frozen=True)
 class InferenceCase:
-    """One kind of scoring or generation job: the models it loads (all at once) and its batches."""
+    """One kind of scoring or generation job: the models it loads (all at once, or one after another) and its
+    batches."""
 
     stage: str  # signals | lm_eval | generate
     job: str
@@ -424,12 +425,14 @@ class InferenceCase:
     full_logits: bool = False  # lm-eval: the logits of the whole batch (else one LM-head chunk)
     generate: bool = False  # the first model generates: its KV cache over `length` tokens
     dtype_key: str = ""  # the config key of the models' dtype when the stage has its own (else <role>.dtype)
+    one_at_a_time: bool = False  # signals: each model scores every shard of the job, then is freed
 
 
 def inference_memory(c: InferenceCase) -> dict[str, int]:
     """Bytes on the one GPU of the job: ``states`` (weights of every model) and ``activations``."""
     seqs = c.batch_size * c.per_item
-    weights = sum(DTYPE_BYTES[dtype] * arch.params for _, arch, dtype in c.models)
+    sizes = [DTYPE_BYTES[dtype] * arch.params for _, arch, dtype in c.models]
+    weights = max(sizes, default=0) if c.one_at_a_time else sum(sizes)
     peaks = []
     for _, arch, dtype in c.models:
         positions = seqs * c.length if c.full_logits else min(seqs * c.length, LOGITS_CHUNK)
@@ -568,7 +571,7 @@ def signal_cases(config: dict, archs: dict) -> list[InferenceCase]:
         models = tuple((role, archs.get(role), dtype or _role_settings(config, role)[0]) for role in roles)
         eager = any(_role_settings(config, role)[1] for role in roles)
         case = InferenceCase("signals", f"signals {name}", models, batch, "signals.batch_size", length, 2, eager)
-        cases.append(replace(case, dtype_key="signals.dtype" if dtype else ""))
+        cases.append(replace(case, dtype_key="signals.dtype" if dtype else "", one_at_a_time=True))
     return cases
 
 
@@ -749,14 +752,16 @@ def inference_problem(case: InferenceCase, memory_gb: float) -> str:
     """One sentence: the models a scoring or generation job holds on its one GPU, and what would fit."""
     m = inference_memory(case)
     models = f"{len(case.models)} model{'s' if len(case.models) > 1 else ''} ({_params_text(case)} parameters)"
+    held = "the largest of which needs" if case.one_at_a_time and len(case.models) > 1 else "need"
     need = (
-        f"{case.stage} ({case.job}): {models} need about {_gb(m['states'])} GB for weights and "
+        f"{case.stage} ({case.job}): {models}, {held} about {_gb(m['states'])} GB for weights and "
         f"{_gb(m['activations'])} GB for activations on one GPU"
     )
     fit, wide = inference_fix(case, memory_gb * GB)
     if fit is None:
         smallest = replace(case, batch_size=1, models=tuple((r, a, "bfloat16") for r, a, _ in case.models))
-        fix = f"these jobs hold every model on one GPU, so they need GPUs of at least {_gb(total_bytes(smallest))} GB"
+        what = "one model at a time" if case.one_at_a_time else "every model"
+        fix = f"these jobs hold {what} on one GPU, so they need GPUs of at least {_gb(total_bytes(smallest))} GB"
     else:
         keys = [case.dtype_key] if case.dtype_key else [f"{role}.dtype" for role in wide]
         parts = [f"{key}: bfloat16" for key in keys] if fit.models != case.models else []
@@ -1022,6 +1027,7 @@ def count_jobs(text: str, config: dict, local: set[str] = frozenset()) -> dict[s
     """Cluster jobs, local jobs (rules in ``local``) and model loads per stage kind of a dry run's output."""
     counts = {"jobs": Counter(), "local": Counter(), "loads": Counter()}
     for rule, is_local, wildcards in parse_dry_run(text):
+        rule = re.sub(r"_part\d+$", "", rule)  # signals_part3: one of the jobs a (set, split) is split into
         kind = job_kind(rule, wildcards)
         if kind is None:
             continue

@@ -185,19 +185,23 @@ def test_an_impossible_plan_is_refused_with_one_sentence_that_names_a_fix(tmp_pa
     )
 
 
-def test_a_scoring_job_that_holds_too_many_models_is_refused(tmp_path):
-    """CTPD's signals load the teacher SFT, pi+ and pi- at once: 3 x 14.8B in bf16 do not fit 80 GB."""
-    resources = {"signals": {"gpus": 1}}
-    config = load_config(write_config(tmp_path, resources, signals={"dtype": "bfloat16"}))
-    with pytest.raises(PrefkdError) as info:
-        check_plan(config, REPO_ROOT)
-    assert str(info.value) == (
-        "signals (signals ctpd): 3 models (3x14.77B parameters) need about 89 GB for weights and 2.0 GB for "
-        "activations on one GPU; 1 GPU of 80 GB cannot hold them: these jobs hold every model on one GPU, so they "
-        "need GPUs of at least 89 GB."
+def test_a_scoring_job_is_sized_by_its_largest_model(tmp_path):
+    """CTPD's signals score with the teacher SFT, pi+ and pi- one after another (each loaded once per job):
+    the job needs one 14.8B model in bf16 (29.5 GB) and its activations, not all three (89 GB)."""
+    config = load_config(write_config(tmp_path, {"signals": {"gpus": 1}}, signals={"dtype": "bfloat16"}))
+    assert check_plan(config, REPO_ROOT) == []  # fits 80 GB
+    small = load_config(
+        write_config(tmp_path, {"signals": {"gpus": 1}, "gpu_memory_gb": 24}, signals={"dtype": "bfloat16"})
     )
-    float32 = load_config(write_config(tmp_path, {"signals": {"gpus": 1}, "gpu_memory_gb": 141}))
-    with pytest.raises(PrefkdError, match=r"1 GPU of 141 GB cannot hold them: set signals.dtype: bfloat16\.$"):
+    with pytest.raises(PrefkdError) as info:
+        check_plan(small, REPO_ROOT)
+    assert str(info.value) == (
+        "signals (signals ctpd): 3 models (3x14.77B parameters), the largest of which needs about 30 GB for weights "
+        "and 2.0 GB for activations on one GPU; 1 GPU of 24 GB cannot hold them: these jobs hold one model at a "
+        "time on one GPU, so they need GPUs of at least 30 GB."
+    )
+    float32 = load_config(write_config(tmp_path, {"signals": {"gpus": 1}, "gpu_memory_gb": 48}))
+    with pytest.raises(PrefkdError, match=r"1 GPU of 48 GB cannot hold them: set signals.dtype: bfloat16\.$"):
         check_plan(float32, REPO_ROOT)
 
 

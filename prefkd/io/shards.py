@@ -264,13 +264,86 @@ def reverse_shard(src: str | Path, dst: str | Path) -> int:
 
 @dataclass(kw_only=True)
 class ReverseSettings:
-    """Settings of ``prefkd reverse``."""
+    """Settings of ``prefkd reverse`` (one job reverses every shard of a split: ``--in`` and ``--out`` pair up)."""
 
-    src: Path = setting(doc="token or signal shard", flag="--in")
-    out: Path = setting(doc="reversed shard to write")
+    src: list[Path] = setting(doc="token or signal shards", flag="--in")
+    out: list[Path] = setting(doc="reversed shards to write, one per --in shard")
+
+
+def paired_shards(inputs: list, outputs: list, what: str = "--in") -> list[tuple[Path, Path]]:
+    """``(input, output)`` pairs of a job that walks several shards; one sentence when the counts differ."""
+    if len(inputs) != len(outputs):
+        raise PrefkdError(f"{len(inputs)} {what} shard(s) but {len(outputs)} --out shard(s): give one --out per shard.")
+    return [(Path(a), Path(b)) for a, b in zip(inputs, outputs)]
 
 
 def run_reverse(args: ReverseSettings) -> int:
-    rows = reverse_shard(args.src, args.out)
-    print(f"wrote {args.out}: {rows} pairs with chosen and rejected exchanged")
+    for src, out in paired_shards(args.src, args.out):
+        rows = reverse_shard(src, out)
+        print(f"wrote {out}: {rows} pairs with chosen and rejected exchanged")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming a job that writes several shards
+# ---------------------------------------------------------------------------------------------------------
+
+
+def path_identity(path: str | Path) -> str:
+    """A cheap identity of a file or directory as it is now (names, sizes and modification times of its files):
+    what a resumed job compares, where hashing a 30 GB model would cost minutes."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class ShardStash:
+    """Finished shards of a multi-shard job, kept where a failed job's clean-up does not reach.
+
+    Snakemake deletes every output of a failed job, finished shards included. Each shard this job writes is
+    also hard-linked into ``<its folder>/.stash/`` with the job's key (its settings and the identities of its
+    inputs); a rerun with the same key links it back instead of recomputing it, and a finished job empties
+    its part of the stash. A different key (changed settings or inputs) recomputes everything."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    @staticmethod
+    def _stashed(out: Path) -> tuple[Path, Path]:
+        folder = out.parent / ".stash"
+        return folder / out.name, folder / f"{out.name}.key"
+
+    def restore(self, out: Path) -> bool:
+        """Put back a finished shard of an earlier try of this job (same key); True when it was there."""
+        shard, key = self._stashed(out)
+        if not (shard.is_file() and key.is_file() and key.read_text() == self.key):
+            return False
+        try:
+            read_shard(shard, _open(shard).schema.metadata.get(KIND_KEY, b"").decode())  # whole and unchanged
+        except PrefkdError:
+            return False
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.unlink(missing_ok=True)
+        os.link(shard, out)
+        return True
+
+    def keep(self, out: Path) -> None:
+        """Stash a shard this job has just written."""
+        shard, key = self._stashed(out)
+        shard.parent.mkdir(exist_ok=True)
+        shard.unlink(missing_ok=True)
+        os.link(out, shard)
+        key.write_text(self.key)
+
+    def clear(self, outs: list[Path]) -> None:
+        """The job finished: its outputs are Snakemake's now."""
+        for out in outs:
+            for f in self._stashed(out):
+                f.unlink(missing_ok=True)
+        for folder in {out.parent / ".stash" for out in outs}:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

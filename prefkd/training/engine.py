@@ -32,6 +32,7 @@ from prefkd.core.preference import preference_loss
 from prefkd.data.batches import PairTable, collate_pairs, epoch_order
 from prefkd.errors import PrefkdError
 from prefkd.io.files import write_json
+from prefkd.training.runinfo import collect_run_info
 from prefkd.training.settings import TrainSettings
 from prefkd.training.stages import Stage, pair_units, stage_class
 
@@ -39,11 +40,15 @@ STATE_FILE = "prefkd_state.json"
 
 
 def schedule_lengths(num_pairs: int, batch_size: int, world: int, grad_accum: int, epochs: float, warmup_ratio: float):
-    """(micro-batches per epoch per process, optimizer steps per epoch, total steps, warm-up steps)."""
+    """(micro-batches per epoch per process, optimizer steps per epoch, total steps, warm-up steps).
+
+    Warm-up: ``ceil(total * warmup_ratio)`` steps, transformers' rule (``TrainingArguments.get_warmup_steps``), so
+    a ratio that asks for any warm-up gets at least one step and a run matches a ``Trainer`` / TRL run step by step.
+    """
     per_process = math.ceil(num_pairs / (batch_size * world))
     steps_per_epoch = math.ceil(per_process / grad_accum)
     total = max(1, math.ceil(steps_per_epoch * epochs))
-    return per_process, steps_per_epoch, total, int(round(warmup_ratio * total))
+    return per_process, steps_per_epoch, total, math.ceil(total * warmup_ratio)
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -104,6 +109,7 @@ class Checkpoints:
     keep: int  # newest checkpoints kept while the run goes on (0: all)
     saving: bool  # whether this run takes checkpoints (its inputs are then hashed as it starts)
     last_step: int = -1  # the step of this run's newest checkpoint (-1: none)
+    resumed_from: int | None = None  # the step of the checkpoint this run resumed (None: a fresh start)
 
     @cached_property
     def inputs(self) -> dict[str, str]:
@@ -154,7 +160,7 @@ class Checkpoints:
             return 0, 0, 0
         accelerator.load_state(str(path))
         accelerator.print(f"resuming from {path} at step {info['step']}")
-        self.last_step = info["step"]
+        self.last_step = self.resumed_from = info["step"]
         return info["step"], info["epoch"], info["batches_done"]
 
     def save(self, accelerator, step: int, epoch: int, batches_done: int) -> None:
@@ -256,7 +262,7 @@ def _start(s: TrainSettings):
 
 def _load_policy(s: TrainSettings, tokenizer):
     """The model to train, from ``s.init``."""
-    model = load_model(s.init, tokenizer=tokenizer)
+    model = load_model(s.init, tokenizer=tokenizer, dtype=s.dtype, attn_implementation=s.attn_implementation)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -360,14 +366,21 @@ def _held_out_eval(accelerator, model, s: TrainSettings, pad_id: int) -> dict:
     }
 
 
-def _save(accelerator, model, tokenizer, s: TrainSettings, final: dict, metrics_path: Path) -> None:
-    """The trained model with its tokenizer, its metrics.jsonl and train_summary.json; ends training."""
+def _save(
+    accelerator, model, tokenizer, s: TrainSettings, final: dict, metrics_path: Path, resumed: int | None
+) -> None:
+    """The trained model with its tokenizer, its metrics.jsonl and train_summary.json (with where and how the job
+    ran, prefkd.training.runinfo); ends training."""
     state_dict = accelerator.get_state_dict(model)  # every process takes part (sharded strategies)
     if accelerator.is_main_process:
         out = Path(s.out)
         save_model(accelerator.unwrap_model(model), tokenizer, out, state_dict=state_dict)
         shutil.copy(metrics_path, out / "metrics.jsonl")
-        summary = {"settings": asdict(s), "final": final}
+        summary = {
+            "settings": asdict(s),
+            "final": final,
+            "runtime": collect_run_info(accelerator.num_processes, resumed),
+        }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -414,6 +427,7 @@ def train(s: TrainSettings) -> dict:
         for batch in _epoch_batches(accelerator, table, stage, s, epoch, batches_done):
             with accelerator.accumulate(model):
                 loss, metrics = stage.loss(model, batch)  # scalar, {name: float}
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps after it)
                 norm = _backward_and_step(accelerator, model, optimizer, scheduler, loss, s.max_grad_norm)
             seen += 1
             pairs_seen.extend(int(p) for p in batch["pair_id"].tolist())
@@ -424,9 +438,7 @@ def train(s: TrainSettings) -> dict:
             _check_finite(accelerator, s, step, window, norm)  # NaN / inf: stop before this step is saved
             bar.update(1)
             if step % s.log_every == 0 or step == total_steps:
-                row = log.write(
-                    window, step=step, epoch=round(epoch + seen / per_process, 4), lr=scheduler.get_last_lr()[0]
-                )
+                row = log.write(window, step=step, epoch=round(epoch + seen / per_process, 4), lr=lr)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window = []
             if s.save_every and step % s.save_every == 0:
@@ -448,7 +460,7 @@ def train(s: TrainSettings) -> dict:
     final = {"step": step, "epochs": s.epochs, "pairs": len(table), "world": world}
     final["seconds"] = round(time.time() - started, 2)
     final.update(_held_out_eval(accelerator, model, s, stage.pad_id))
-    _save(accelerator, model, tokenizer, s, final, log.path)
+    _save(accelerator, model, tokenizer, s, final, log.path, checkpoints.resumed_from)
     checkpoints.finish(accelerator, s.keep_final_checkpoint)
     return final
 

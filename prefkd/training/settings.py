@@ -93,8 +93,8 @@ class TrainSettings:
 class SignalSettings:
     """Settings of ``prefkd signals`` (one signal shard); they generate its options (prefkd.core.settings)."""
 
-    tokens: str = setting(doc="token shard")
-    out: str = setting(doc="signal shard to write")
+    tokens: list[str] = setting(doc="token shards (a job walks them with each model loaded once)")
+    out: list[str] = setting(doc="signal shards to write, one per --tokens shard")
     role: str = setting("teacher", "whose ids every model scores", choices=ROLES)
     unit: str = setting("span", "units of the weights and log-probs: aligned spans or tokens", choices=UNITS)
     reference: str = setting(doc="reference model dir (its unit log-probs are stored)")
@@ -119,6 +119,9 @@ class SignalSettings:
         0.3, "binary_top: share of units that get the high weight", config="signals.top_fraction"
     )
     seed: int = setting(1, "seed of the random transform", config="seed")
+    eos_weight: float | None = setting(
+        None, "weight of the EOS unit (TIS-DPO's code: 0); unset: the transform weighs it like any unit"
+    )
     batch_size: int = setting(8, "pairs per scoring batch", config="signals.batch_size")
     dtype: str = setting("float32", "dtype the scoring models are loaded in", choices=DTYPES, config="signals.dtype")
 
@@ -132,6 +135,7 @@ class SignalSettings:
             self.threshold,
             self.top_fraction,
             self.seed,
+            eos_weight=self.eos_weight,
         )
 
     def roles(self) -> dict[str, str]:

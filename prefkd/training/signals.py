@@ -28,6 +28,7 @@ that is how DPO's reference log-probs are precomputed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prefkd.assets.models import load_model
+from prefkd.assets.models import load_model, pick_device
 from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.layout import SIDES
 from prefkd.core.logprobs import model_token_logps, span_logps
@@ -45,7 +46,15 @@ from prefkd.core.weights import WEIGHT_BINS, WeightSpec, transform_weights
 from prefkd.data.batches import collate_pairs, unit_ids
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
-from prefkd.io.shards import make_provenance, read_shard, shard_stats, write_shard
+from prefkd.io.shards import (
+    ShardStash,
+    make_provenance,
+    paired_shards,
+    path_identity,
+    read_shard,
+    shard_stats,
+    write_shard,
+)
 from prefkd.training.settings import SignalSettings, WeightsStatsSettings
 
 
@@ -112,27 +121,28 @@ class Scorer:
     pad_id: int
 
 
-def _score_chunk(
-    chunk: list[dict], unit: str, pos: Scorer | None, neg: Scorer | None, ref: Scorer, spec: WeightSpec, device
-) -> list[dict]:
-    """Per row of ``chunk``: its ``{side}_weights``, ``{side}_ref_logps`` and ``{side}_delta`` (numpy)."""
-    batches = {}
-    for x in (ref, pos, neg):
-        if x is not None and x.role not in batches:
-            batch = collate_pairs(chunk, x.role, unit, x.pad_id)  # [chosen; rejected] rows
-            batches[x.role] = {k: v.to(device) for k, v in batch.items()}
-    scored = {}
+def _collate(chunk: list[dict], x: Scorer, unit: str, device) -> dict:
+    batch = collate_pairs(chunk, x.role, unit, x.pad_id)  # [chosen; rejected] rows
+    return {k: v.to(device) for k, v in batch.items()}
 
-    def score(x: Scorer):
-        key = (id(x.model), x.role)
-        if key not in scored:
-            scored[key] = unit_logps(x.model, batches[x.role])
-        return scored[key]
 
-    ref_units, ref_counts = score(ref)  # [2B, M], [2B, M]
-    batch = batches[ref.role]
-    if pos is not None:
-        (pos_units, pos_counts), (neg_units, neg_counts) = score(pos), score(neg)
+def score_chunks(x: Scorer, rows: list[dict], chunks: list[list[int]], unit: str, device) -> list[tuple]:
+    """One model's ([2B, M] unit log-probs, [2B, M] token counts, [2B] units per row) of every chunk of
+    ``rows``, kept on the CPU (what a job that scores with one model at a time holds between models)."""
+    out = []
+    for idx in chunks:
+        batch = _collate([rows[i] for i in idx], x, unit, device)
+        units, counts = unit_logps(x.model, batch)
+        out.append((units.cpu(), counts.cpu(), batch["num_units"].cpu()))
+    return out
+
+
+def _combine_chunk(chunk: list[dict], unit: str, ref: tuple, pair: tuple | None, spec: WeightSpec):
+    """Per row of ``chunk``: its ``{side}_weights``, ``{side}_ref_logps`` and ``{side}_delta`` (numpy), from the
+    reference's scores and the (pos, neg) scores of the chunk (None: no contrastive pair)."""
+    ref_units, ref_counts, num_units = ref  # [2B, M], [2B, M], [2B]
+    if pair is not None:
+        (pos_units, pos_counts, _), (neg_units, neg_counts, _) = pair
         width = min(pos_units.shape[1], neg_units.shape[1])  # same unit counts per row; padding may differ
         pos_units, neg_units = pos_units[:, :width], neg_units[:, :width]  # [2B, M'], [2B, M']
         if spec.aggregation == "mean":  # per-token means: unit log-prob / unit token count
@@ -147,9 +157,9 @@ def _score_chunk(
         res = {"weights": {}}
         for s_i, side in enumerate(SIDES):
             r = j + s_i * n  # the row of this side in the [chosen; rejected] layout
-            m = int(batch["num_units"][r])
-            d = delta[r, :m].double().cpu().numpy()
-            ref_lp, ref_n = ref_units[r, :m].double().cpu().numpy(), ref_counts[r, :m].double().cpu().numpy()
+            m = int(num_units[r])
+            d = delta[r, :m].double().numpy()
+            ref_lp, ref_n = ref_units[r, :m].double().numpy(), ref_counts[r, :m].double().numpy()
             values = _side_values(row, side, d, ref_lp, ref_n, unit, spec)
             res["weights"][side] = values.pop("w")
             res.update(values)
@@ -186,6 +196,41 @@ def _weight_stats(rows: list[dict], results: list[dict], unit: str) -> dict:
     }
 
 
+def _check_scorers(unit: str, pos, neg, ref) -> None:
+    if (pos is None) != (neg is None):
+        raise PrefkdError("give both a positive and a negative model, or neither.")
+    if unit == "token" and len({x.role for x in (ref, pos, neg) if x is not None}) > 1:
+        raise PrefkdError("token units need every model to score the same role's ids; use span units to mix roles.")
+
+
+def row_chunks(rows: list[dict], role: str, batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length on ``role``'s ids (less padding); every model scores the same
+    batches, so a job scoring one model at a time gets the numbers of one scoring them side by side."""
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: len(rows[i][f"{role}_chosen_input_ids"]) + len(rows[i][f"{role}_rejected_input_ids"]),
+    )
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def assemble_signals(rows, chunks, unit, ref_scores, pair_scores, spec: WeightSpec):
+    """The signal table and weight statistics of ``rows`` from every model's chunk scores (``pair_scores``:
+    (pos, neg) or None)."""
+    if pair_scores is None and spec.transform not in ("uniform", "random"):
+        spec = WeightSpec(**{**asdict(spec), "transform": "uniform"})
+    by_row: dict[int, dict] = {}
+    for c, idx in enumerate(chunks):
+        pair = (pair_scores[0][c], pair_scores[1][c]) if pair_scores else None
+        by_row.update(zip(idx, _combine_chunk([rows[i] for i in idx], unit, ref_scores[c], pair, spec), strict=True))
+    results = [by_row[i] for i in range(len(rows))]
+    columns = {"pair_id": pa.array([r["pair_id"] for r in rows], type=pa.int64())}
+    for side in SIDES:
+        for name in ("weights", "ref_logps", "delta"):
+            key = f"{side}_{name}"
+            columns[key] = pa.array([r[key].tolist() for r in results], type=pa.list_(pa.float32()))
+    return pa.table(columns), _weight_stats(rows, results, unit)
+
+
 def compute_signals(
     rows: list[dict],
     unit: str,
@@ -202,29 +247,14 @@ def compute_signals(
     spans are shared: a teacher pi+ against a student pi-, or a student reference);
     with token units all scorers must share one role.
     """
-    if (pos is None) != (neg is None):
-        raise PrefkdError("give both a positive and a negative model, or neither.")
-    if unit == "token" and len({x.role for x in (ref, pos, neg) if x is not None}) > 1:
-        raise PrefkdError("token units need every model to score the same role's ids; use span units to mix roles.")
-    if pos is None and spec.transform not in ("uniform", "random"):
-        spec = WeightSpec(**{**asdict(spec), "transform": "uniform"})
-    role = ref.role
-    # Batch rows of similar length together (less padding); results go back in row order.
-    order = sorted(
-        range(len(rows)),
-        key=lambda i: len(rows[i][f"{role}_chosen_input_ids"]) + len(rows[i][f"{role}_rejected_input_ids"]),
-    )
-    by_row: dict[int, dict] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        by_row.update(zip(idx, _score_chunk([rows[i] for i in idx], unit, pos, neg, ref, spec, device), strict=True))
-    results = [by_row[i] for i in range(len(rows))]
-    columns = {"pair_id": pa.array([r["pair_id"] for r in rows], type=pa.int64())}
-    for side in SIDES:
-        for name in ("weights", "ref_logps", "delta"):
-            key = f"{side}_{name}"
-            columns[key] = pa.array([r[key].tolist() for r in results], type=pa.list_(pa.float32()))
-    return pa.table(columns), _weight_stats(rows, results, unit)
+    _check_scorers(unit, pos, neg, ref)
+    chunks = row_chunks(rows, ref.role, batch_size)
+    scores = {}
+    for x in (ref, pos, neg):
+        if x is not None and (id(x.model), x.role) not in scores:
+            scores[(id(x.model), x.role)] = score_chunks(x, rows, chunks, unit, device)
+    pair = (scores[(id(pos.model), pos.role)], scores[(id(neg.model), neg.role)]) if pos is not None else None
+    return assemble_signals(rows, chunks, unit, scores[(id(ref.model), ref.role)], pair, spec)
 
 
 SIGNAL_COLUMNS = tuple(f"{side}_{name}" for side in SIDES for name in ("weights", "ref_logps", "delta"))
@@ -246,6 +276,117 @@ def check_finite(signals: pa.Table, out: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class ScoringModels:
+    """The models of a signals job and whose ids each scores: ``ref`` always, ``pos`` and ``neg`` together or
+    neither (then the weights are uniform or random)."""
+
+    reference: str
+    pos: str | None = None
+    neg: str | None = None
+    roles: tuple = ()  # (("ref", role), ("pos", role), ("neg", role))
+    dtype: str = "float32"
+
+    def named(self) -> list[tuple[str, str, str]]:
+        """(name, model dir, role) of every model the job uses."""
+        roles = dict(self.roles)
+        paths = (("ref", self.reference), ("pos", self.pos), ("neg", self.neg))
+        return [(name, path, roles[name]) for name, path in paths if path]
+
+
+def _shard_settings(unit: str, models: ScoringModels, spec: WeightSpec, batch_size: int) -> dict:
+    return dict(unit=unit, roles=dict(models.roles), spec=asdict(spec), batch_size=batch_size)
+
+
+def _shard_inputs(tokens: Path, models: ScoringModels) -> dict:
+    configs = {f"{name}_model_config": Path(path) / "config.json" for name, path, _ in models.named()}
+    return {"tokens": tokens, **{k: v for k, v in configs.items() if v.is_file()}}
+
+
+def _stash_key(pairs: list[tuple[Path, Path]], unit: str, models: ScoringModels, spec, batch_size: int) -> str:
+    """What a finished shard of an earlier try must share with this job to be reused: the settings, the
+    models (their files as they are now) and the token shards."""
+    parts = {
+        "settings": _shard_settings(unit, models, spec, batch_size),
+        "dtype": models.dtype,
+        "models": {name: path_identity(path) for name, path, _ in models.named()},
+        "tokens": {str(out): path_identity(tokens) for tokens, out in pairs},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _write_signals(
+    table: pa.Table, stats: dict, tokens: Path, out: Path, unit, models: ScoringModels, spec, batch_size
+):
+    roles = dict(models.roles)
+    meta = {
+        b"prefkd.unit": unit.encode(),
+        b"prefkd.role": roles["ref"].encode(),
+        b"prefkd.roles": json.dumps(roles, sort_keys=True).encode(),
+        b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode(),
+    }
+    if spec.aggregation == "mean" and unit == "span":
+        meta[b"prefkd.folded"] = f"{POLICY_ROLE} token counts".encode()
+    table = table.replace_schema_metadata(meta)
+    check_finite(table, out)
+    stats.update(unit=unit, role=roles["ref"], roles=roles, spec=asdict(spec))
+    provenance = make_provenance(out, _shard_settings(unit, models, spec, batch_size), _shard_inputs(tokens, models))
+    write_shard(table, out, kind="signals", stats=stats, provenance=provenance)
+
+
+def _score_all(todo: dict, unit: str, models: ScoringModels, batch_size: int, seed: int, device: str) -> dict:
+    """Every (model dir, role)'s chunk scores of every shard in ``todo`` ({out: rows}), loading each model once
+    and holding one model at a time; -> {out: {(path, role): scores}} and the chunks per shard."""
+    ref_role = dict(models.roles)["ref"]
+    chunks = {out: row_chunks(rows, ref_role, batch_size) for out, rows in todo.items()}
+    scores: dict = {out: {} for out in todo}
+    for path in dict.fromkeys(str(p) for _, p, _ in models.named()):
+        model = load_model(path, dtype=models.dtype).to(device).eval()
+        pad = pad_id(load_tokenizer(path))
+        for role in dict.fromkeys(r for _, p, r in models.named() if str(p) == path):
+            torch.manual_seed(seed)
+            for out, rows in todo.items():
+                scores[out][(path, role)] = score_chunks(Scorer(model, role, pad), rows, chunks[out], unit, device)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return scores, chunks
+
+
+def run_shards(
+    pairs: list[tuple[Path, Path]],
+    unit: str,
+    models: ScoringModels,
+    spec: WeightSpec,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> list[dict]:
+    """Signal shards ``out`` of token shards ``tokens`` for every (tokens, out) pair, each model loaded once.
+
+    Shards finished by an earlier try of the same job (same settings, models and tokens) are restored from the
+    stash instead of recomputed; the statistics of the shards computed now are returned."""
+    roles = dict(models.roles)
+    named = {name: Scorer(None, role, 0) for name, _, role in models.named()}
+    _check_scorers(unit, named.get("pos"), named.get("neg"), named["ref"])
+    device = pick_device(device)
+    stash = ShardStash(_stash_key(pairs, unit, models, spec, batch_size))
+    todo = {out: read_shard(tokens, "tokens").to_pylist() for tokens, out in pairs if not stash.restore(out)}
+    scores, chunks = _score_all(todo, unit, models, batch_size, spec.seed, device)
+    key = {name: (str(path), roles[name]) for name, path, _ in models.named()}
+    stats = []
+    for tokens, out in pairs:
+        if out not in todo:
+            continue
+        own = scores[out]
+        pair = (own[key["pos"]], own[key["neg"]]) if "pos" in key else None
+        table, shard_stats_ = assemble_signals(todo[out], chunks[out], unit, own[key["ref"]], pair, spec)
+        _write_signals(table, shard_stats_, tokens, out, unit, models, spec, batch_size)
+        stash.keep(out)
+        stats.append(shard_stats_)
+    stash.clear([out for _, out in pairs])
+    return stats
+
+
 def run_shard(
     tokens: Path,
     out: Path,
@@ -257,47 +398,12 @@ def run_shard(
     spec: WeightSpec,
     batch_size: int = 8,
     roles: dict | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """One signal shard. ``role`` scores every model unless ``roles`` ({"ref"|"pos"|"neg": role}) says otherwise."""
-
-    torch.manual_seed(spec.seed)
-    table = read_shard(tokens, "tokens")
-    rows = table.to_pylist()
     roles = {"ref": role, "pos": role, "neg": role, **(roles or {})}
-    loaded: dict[str, object] = {}
-
-    def get(path, name):
-        if path is None:
-            return None
-        key = str(Path(path).resolve())
-        if key not in loaded:
-            model = load_model(path)
-            model.eval()
-            loaded[key] = model
-        return Scorer(loaded[key], roles[name], pad_id(load_tokenizer(path)))
-
-    ref_s, pos_s, neg_s = get(reference, "ref"), get(pos, "pos"), get(neg, "neg")
-    signals, stats = compute_signals(rows, unit, pos_s, neg_s, ref_s, spec, batch_size)
-    meta = {
-        b"prefkd.unit": unit.encode(),
-        b"prefkd.role": roles["ref"].encode(),
-        b"prefkd.roles": json.dumps(roles, sort_keys=True).encode(),
-        b"prefkd.spec": json.dumps(asdict(spec), sort_keys=True).encode(),
-    }
-    if spec.aggregation == "mean" and unit == "span":
-        meta[b"prefkd.folded"] = f"{POLICY_ROLE} token counts".encode()
-    signals = signals.replace_schema_metadata(meta)
-    check_finite(signals, out)
-    stats.update(unit=unit, role=roles["ref"], roles=roles, spec=asdict(spec))
-    models = {
-        f"{name}_model_config": Path(path) / "config.json"
-        for name, path in (("ref", reference), ("pos", pos), ("neg", neg))
-        if path
-    }
-    inputs = {"tokens": tokens, **{k: v for k, v in models.items() if v.is_file()}}
-    settings = dict(unit=unit, roles=roles, spec=asdict(spec), batch_size=batch_size)
-    write_shard(signals, out, kind="signals", stats=stats, provenance=make_provenance(out, settings, inputs))
-    return stats
+    models = ScoringModels(reference, pos, neg, tuple(sorted(roles.items())), dtype)
+    return run_shards([(Path(tokens), Path(out))], unit, models, spec, batch_size)[0]
 
 
 def merge_weight_stats(parts: list[dict]) -> dict:
@@ -335,10 +441,11 @@ def merge_weight_stats(parts: list[dict]) -> dict:
 
 
 def run(s: SignalSettings) -> int:
-    stats = run_shard(
-        Path(s.tokens), Path(s.out), s.role, s.unit, s.reference, s.pos, s.neg, s.spec(), s.batch_size, s.roles()
-    )
-    print(json.dumps({"pairs": stats["pairs"], "units": stats["units"]}))
+    pairs = paired_shards(s.tokens, s.out, "--tokens")
+    roles = {"ref": s.role, "pos": s.role, "neg": s.role, **s.roles()}
+    models = ScoringModels(s.reference, s.pos, s.neg, tuple(sorted(roles.items())), s.dtype)
+    stats = run_shards(pairs, s.unit, models, s.spec(), s.batch_size)
+    print(json.dumps({"shards": len(pairs), "computed": len(stats), "pairs": sum(x["pairs"] for x in stats)}))
     return 0
 
 

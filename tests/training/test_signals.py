@@ -16,8 +16,9 @@ from prefkd.data.batches import PairTable, collate_pairs
 from prefkd.data.demo import generate_demo_pairs
 from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
 from prefkd.errors import PrefkdError
-from prefkd.io.shards import read_shard, shard_stats, write_shard
-from prefkd.training.signals import merge_weight_stats, run_shard
+from prefkd.io.shards import ShardStash, read_shard, shard_stats, write_shard
+from prefkd.training import signals as signals_module
+from prefkd.training.signals import ScoringModels, merge_weight_stats, run_shard, run_shards
 
 
 def test_ctpd_weights_follow_the_formula_and_ranges():
@@ -357,3 +358,53 @@ def test_mixed_roles_share_span_units(shard, student_tokenizer_dir):
             WeightSpec(),
             roles=roles,
         )
+
+
+def _ctpd_models(shard) -> ScoringModels:
+    roles = (("neg", "teacher"), ("pos", "teacher"), ("ref", "teacher"))
+    return ScoringModels(str(shard["pos"]), str(shard["pos"]), str(shard["neg"]), roles)
+
+
+def test_a_job_walks_its_shards_with_each_model_loaded_once_and_matches_one_job_per_shard(shard, tmp_path):
+    """Issue 11: a scoring job loads each model once (scoring one model at a time) and walks several shards;
+    its shards are byte for byte those of one job per shard."""
+    second = tmp_path / "tokens-2.arrow"
+    write_shard(read_shard(shard["tokens"], "tokens").slice(0, 5), second, kind="tokens")
+    tokens = [shard["tokens"], second]
+    walked = [tmp_path / "walk" / "train" / f"shard-{k}-of-2.arrow" for k in (1, 2)]
+    alone = [tmp_path / "alone" / "train" / f"shard-{k}-of-2.arrow" for k in (1, 2)]
+    models = _ctpd_models(shard)
+    loads = []
+    real_load = signals_module.load_model
+    signals_module.load_model = lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
+    try:
+        stats = run_shards(list(zip(tokens, walked)), "span", models, WeightSpec())
+    finally:
+        signals_module.load_model = real_load
+    assert sorted(loads) == sorted({str(shard["pos"]), str(shard["neg"])})  # pi+ is also the reference: once
+    assert [s["pairs"] for s in stats] == [12, 5]
+    for t, out in zip(tokens, alone):
+        run_shard(t, out, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]), WeightSpec())
+    assert [p.read_bytes() for p in walked] == [p.read_bytes() for p in alone]
+    assert not (walked[0].parent / ".stash").exists()  # a finished job leaves no stash
+
+
+def test_a_failed_job_keeps_its_finished_shards_and_its_retry_redoes_only_the_rest(shard, tmp_path):
+    second = tmp_path / "tokens-2.arrow"
+    write_shard(read_shard(shard["tokens"], "tokens").slice(0, 5), second, kind="tokens")
+    outs = [tmp_path / "train" / "shard-1-of-2.arrow", tmp_path / "blocked" / "train" / "shard-2-of-2.arrow"]
+    (tmp_path / "blocked").write_text("a file where the second shard's folder must go")
+    pairs = list(zip([shard["tokens"], second], outs))
+    with pytest.raises(OSError):
+        run_shards(pairs, "span", _ctpd_models(shard), WeightSpec())
+    first = outs[0].read_bytes()
+    outs[0].unlink()  # Snakemake removes every output of a failed job
+    (tmp_path / "blocked").unlink()
+    stats = run_shards(pairs, "span", _ctpd_models(shard), WeightSpec())
+    assert [s["pairs"] for s in stats] == [5]  # only the unfinished shard was computed
+    assert outs[0].read_bytes() == first and outs[1].is_file()
+    # a changed setting must not reuse a stashed shard: everything is computed again
+    outs[1].unlink()
+    ShardStash("old key").keep(outs[0])
+    stats = run_shards(pairs, "span", _ctpd_models(shard), WeightSpec(k=2.0))
+    assert [s["pairs"] for s in stats] == [12, 5]

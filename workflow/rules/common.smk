@@ -104,6 +104,23 @@ ITEMS = [f"{k}-of-{N_SHARDS}" for k in range(1, N_SHARDS + 1)]
 TRAINING = bool(config["teacher"]["model"]) and bool(config["student"]["model"])
 
 
+SIGNAL_JOBS = min(config["resources"]["signals"]["jobs"], N_SHARDS)
+
+
+def part_items(part):
+    """The shards (of every split) that scoring job ``part`` (0-based) of SIGNAL_JOBS walks: every SIGNAL_JOBS-th."""
+    return ITEMS[part::SIGNAL_JOBS]
+
+
+def part_rule(name, part):
+    """A scoring rule's name: `signals`, or `signals_part2` when a (set, split) is split over several jobs."""
+    return name if SIGNAL_JOBS == 1 else f"{name}_part{part + 1}"
+
+
+def part_suffix(part):
+    return "" if SIGNAL_JOBS == 1 else f"-part{part + 1}"
+
+
 def token_shards(split, reversed_=False):
     folder = "tokens-reversed" if reversed_ else "tokens"
     return [f"{R}/{folder}/{split}/shard-{item}.arrow" for item in ITEMS]

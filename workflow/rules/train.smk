@@ -48,14 +48,14 @@ rule sft:
 
 
 rule reverse:
-    # The reversed dataset (chosen <-> rejected) of a token shard or of a DPO-reference signal shard is its
-    # own artifact (tests prove it is swapped).
+    # The reversed dataset (chosen <-> rejected) of a split's token shards or DPO-reference signal shards is its
+    # own artifact (tests prove it is swapped); one job per split, a few seconds of work.
     input:
-        f"{R}/{{prefix}}/{{split}}/shard-{{scatteritem}}.arrow",
+        [f"{R}/{{prefix}}/{{split}}/shard-{item}.arrow" for item in ITEMS],
     output:
-        f"{R}/{{prefix}}-reversed/{{split}}/shard-{{scatteritem}}.arrow",
+        [f"{R}/{{prefix}}-reversed/{{split}}/shard-{item}.arrow" for item in ITEMS],
     log:
-        f"{R}/logs/reverse/{{prefix}}-{{split}}-{{scatteritem}}.log",
+        f"{R}/logs/reverse/{{prefix}}-{{split}}.log",
     wildcard_constraints:
         prefix="tokens|signals/dpo-ref-(teacher|student)",
         split="train|valid|test",
@@ -68,29 +68,60 @@ rule reverse:
         "prefkd reverse --in {input} --out {output} > {log} 2>&1"
 
 
-rule dpo_reference:
-    # Reference log-probs of a role's SFT model on every response token (uniform weights):
-    # what DPO needs, precomputed once so no training job holds a reference model.
-    input:
-        tokens=f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
-        ref=lambda w: sft_model(w.role),
-    output:
-        f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{{scatteritem}}.arrow",
-    log:
-        f"{R}/logs/signals/dpo-ref-{{role}}-{{split}}-{{scatteritem}}.log",
-    wildcard_constraints:
-        role="teacher|student",
-        split="train|valid|test",
-    conda:
-        ENV
-    threads: stage_threads("signals")
-    resources:
-        **stage_resources("signals"),
-    params:
-        flags=lambda w: dpo_reference_flags(w.role),
-    shell:
-        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} --reference {input.ref}"
-        " {params.flags} > {log} 2>&1"
+# Scoring jobs (DPO references and signal sets): `resources.signals.jobs` jobs per (set, split), each loading
+# its models once and walking its share of the shards (a rerun after a crash redoes only unfinished shards).
+for part in range(SIGNAL_JOBS):
+
+    rule:
+        # Reference log-probs of a role's SFT model on every response token (uniform weights):
+        # what DPO needs, precomputed once so no training job holds a reference model.
+        name:
+            part_rule("dpo_reference", part)
+        input:
+            tokens=[f"{R}/tokens/{{split}}/shard-{item}.arrow" for item in part_items(part)],
+            ref=lambda w: sft_model(w.role),
+        output:
+            [f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{item}.arrow" for item in part_items(part)],
+        log:
+            f"{R}/logs/signals/dpo-ref-{{role}}-{{split}}{part_suffix(part)}.log",
+        wildcard_constraints:
+            role="teacher|student",
+            split="train|valid|test",
+        conda:
+            ENV
+        threads: stage_threads("signals")
+        resources:
+            **stage_resources("signals"),
+        params:
+            flags=lambda w: dpo_reference_flags(w.role),
+        shell:
+            "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} --reference {input.ref}"
+            " {params.flags} > {log} 2>&1"
+
+    rule:
+        # Span weights from the contrastive pair and the reference span log-probs.
+        name:
+            part_rule("signals", part)
+        input:
+            tokens=[f"{R}/tokens/{{split}}/shard-{item}.arrow" for item in part_items(part)],
+            models=lambda w: signal_models(w.sigset),
+        output:
+            [f"{R}/signals/{{sigset}}/{{split}}/shard-{item}.arrow" for item in part_items(part)],
+        log:
+            f"{R}/logs/signals/{{sigset}}-{{split}}{part_suffix(part)}.log",
+        wildcard_constraints:
+            sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
+            split="train|valid|test",
+        conda:
+            ENV
+        threads: stage_threads("signals")
+        resources:
+            **stage_resources("signals"),
+        params:
+            # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
+            flags=lambda w: signal_flags(w.sigset),
+        shell:
+            "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule dpo:
@@ -119,30 +150,6 @@ rule dpo:
     shell:
         "{params.launch} train --init {input.init} --out {output} --tokens {input.tokens} --signals {input.signals}"
         " --eval-tokens {input.eval_tokens} --eval-signals {input.eval_signals} {params.flags} > {log} 2>&1"
-
-
-rule signals:
-    # Span weights from the contrastive pair and the reference span log-probs, one job per shard.
-    input:
-        tokens=f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
-        models=lambda w: signal_models(w.sigset),
-    output:
-        f"{R}/signals/{{sigset}}/{{split}}/shard-{{scatteritem}}.arrow",
-    log:
-        f"{R}/logs/signals/{{sigset}}-{{split}}-{{scatteritem}}.log",
-    wildcard_constraints:
-        sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
-        split="train|valid|test",
-    conda:
-        ENV
-    threads: stage_threads("signals")
-    resources:
-        **stage_resources("signals"),
-    params:
-        # a plain function of the wildcards: Snakemake records it, so a changed setting reruns the job
-        flags=lambda w: signal_flags(w.sigset),
-    shell:
-        "OMP_NUM_THREADS={threads} prefkd signals --tokens {input.tokens} --out {output} {params.flags} > {log} 2>&1"
 
 
 rule weights_stats:
