@@ -25,6 +25,7 @@ class SignalSet:
     transform: str | None = None  # None: the configured CTPD transform
     aggregation: str | None = None  # None: the configured aggregation
     eos_weight: float | None = None  # the EOS unit's weight (TIS-DPO's code: 0); None: weighted like any unit
+    contrast: str = "models"  # "sides": CTPD-Lite, the ref model on chosen vs rejected spans (prefkd.core.weights)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ SIGNAL_SETS: dict[str, SignalSet] = {
     "ctpd-pos-ref": SignalSet(
         "span", ("teacher-pos", "teacher"), ("teacher-pos", "teacher"), ("teacher-neg", "teacher")
     ),
+    # CTPD-Lite: no contrastive teachers; the teacher SFT scores both responses (and is the reference)
+    "ctpd-lite": SignalSet("span", ("teacher-sft", "teacher"), contrast="sides"),
     "uniform": SignalSet("span", ("teacher-sft", "teacher"), transform="uniform"),
     "random": SignalSet("span", ("teacher-sft", "teacher"), transform="random"),
     "mean": SignalSet(
@@ -87,6 +90,15 @@ METHODS: dict[str, Method] = {
     "uld": Method("kd", "ULD", "universal logit distillation (Boizard et al. 2024)", kd="uld"),
     "mined": Method("kd", "MinED", "minimum-edit-distance vocabulary mapping KD", kd="mined"),
     "cdm": Method("kd", "CDM", "contextual dynamic mapping KD (Chen et al. 2025)", kd="cdm"),
+    "ctpd-lite": Method(
+        "preference",
+        "CTPD-Lite",
+        "CTPD-Lite: no contrastive teachers; the teacher SFT scores both responses, s_i = l_T(p_i^chosen) -"
+        " l_T(p_i^rejected) for spans paired by index, w_chosen = k exp(clamp(s_i, L, U)), w_rejected ="
+        " k exp(-clamp(s_i, L, U)), unpaired tail spans and EOS weight 1; teacher SFT span reference",
+        "span",
+        "ctpd-lite",
+    ),
     "ctpd+dskd": Method(
         "preference", "CTPD+DSKD", "CTPD plus alpha * DSKD on the chosen response", "span", "ctpd", kd="dskd"
     ),
@@ -152,7 +164,7 @@ METHODS: dict[str, Method] = {
     ),
 }
 
-DEMO_METHODS = ("sft", "dpo", "tisdpo", "ctpd", "uld")
+DEMO_METHODS = ("sft", "dpo", "tisdpo", "ctpd", "uld", "ctpd-lite")
 
 
 def method(name: str) -> Method:
@@ -191,11 +203,14 @@ def models_for_set(name: str, sets: dict[str, SignalSet] = SIGNAL_SETS) -> list[
 
 
 def signal_plan(methods: list[str], reference: str = "sft") -> dict[str, SignalSet]:
-    """The signal sets a run computes: CTPD's (always, for the weight statistics) and every set the
-    ``methods`` read; with ``reference="pos"`` CTPD's reference span log-probs come from pi+."""
-    names = ["ctpd"] + [n for n in signal_sets_for(methods) if n != "ctpd"]
+    """The signal sets a run computes: every set the ``methods`` read, and CTPD's for the weight statistics
+    unless a read set weighs spans without contrastive models (CTPD-Lite's: then a run that lists only such
+    methods trains no teacher pair); with ``reference="pos"`` CTPD's reference span log-probs come from pi+."""
+    needed = signal_sets_for(methods)
+    lite = any(SIGNAL_SETS[n].contrast == "sides" for n in needed)
+    names = ([] if lite and "ctpd" not in needed else ["ctpd"]) + [n for n in needed if n != "ctpd"]
     plan = {name: SIGNAL_SETS[name] for name in names}
-    if reference == "pos":
+    if reference == "pos" and "ctpd" in plan:
         plan["ctpd"] = replace(plan["ctpd"], ref=("teacher-pos", "teacher"))
     return plan
 

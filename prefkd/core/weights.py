@@ -11,6 +11,9 @@ from prefkd.errors import PrefkdError
 
 TRANSFORMS = ("ctpd", "identity", "threshold", "threshold_scale", "binary_top", "rank", "random", "uniform")
 AGGREGATIONS = ("sum", "mean")
+# what a unit's delta contrasts: two models on the same response (l_pos - l_neg: CTPD, TIS-DPO), or one model on
+# the two responses, spans paired by index (l(p_i^chosen) - l(p_i^rejected): CTPD-Lite)
+CONTRASTS = ("models", "sides")
 WEIGHT_BINS = np.round(np.linspace(0.0, 5.0, 26), 2)  # histogram edges; values above 5 land in the last bin
 # |exponent| of the unclamped ``identity`` transform: exp(80) ~ 5.5e34 stays far inside float32 (max ~3.4e38)
 MAX_EXPONENT = 80.0
@@ -29,8 +32,11 @@ class WeightSpec:
     scale_min: float = 0.7  # rank and random: the range of TIS-DPO's rank_based / random transforms
     scale_max: float = 1.3
     eos_weight: float | None = None  # the EOS unit's weight (TIS-DPO: 0); None: the transform weighs it like any unit
+    contrast: str = "models"  # see CONTRASTS
 
     def __post_init__(self):
+        if self.contrast not in CONTRASTS:
+            raise PrefkdError(f"the weight contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}.")
         if self.transform not in TRANSFORMS:
             raise PrefkdError(f"weight transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}.")
         if self.aggregation not in AGGREGATIONS:
@@ -112,3 +118,36 @@ def transform_weights(
     else:  # pragma: no cover - validated in WeightSpec
         raise AssertionError(t)
     return w.astype(np.float32)
+
+
+def side_contrast_weights(
+    chosen: np.ndarray, rejected: np.ndarray, spec: WeightSpec, eos: tuple[bool, bool] = (False, False), pair_id=0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CTPD-Lite: weights of both responses from ONE model's unit log-probs of each, spans paired by index.
+
+    ``chosen`` / ``rejected`` are the unit log-probs of the two responses (their last unit is the EOS when the
+    matching ``eos`` flag is set). For the first n = min(spans of chosen, spans of rejected) spans,
+    s_i = l(p_i^chosen) - l(p_i^rejected), and the chosen span gets transform(s_i) with mu = +1, the rejected one
+    with mu = -1 (ctpd: k * exp(+-clamp(s_i, L, U))). The spans beyond the shorter response have no partner and
+    get weight 1, and so does the EOS unit (``spec.eos_weight`` when set): it is no span of the response text
+    (the authors' weight_lite.py scores only the aligned spans, and pads the unpaired tail with 1.0).
+    -> (delta_chosen, delta_rejected, w_chosen, w_rejected): the deltas are s_i on the paired spans, 0 elsewhere.
+    """
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    spans = (len(c) - int(eos[0]), len(r) - int(eos[1]))
+    n = min(spans)
+    s = c[:n] - r[:n]
+    out = []
+    for side, total, n_spans, has_eos, mu in (
+        ("chosen", len(c), spans[0], eos[0], 1.0),
+        ("rejected", len(r), spans[1], eos[1], -1.0),
+    ):
+        w = np.ones(total)
+        w[:n] = transform_weights(s, mu, spec, pair_id, side)
+        if has_eos and spec.eos_weight is not None:
+            w[n_spans] = spec.eos_weight
+        d = np.zeros(total)
+        d[:n] = s
+        out.append((d, w.astype(np.float32)))
+    (d_c, w_c), (d_r, w_r) = out
+    return d_c, d_r, w_c, w_r

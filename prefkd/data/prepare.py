@@ -64,6 +64,12 @@ Split (by prompt)
     the next ``n_valid`` to valid, the rest to train.  Each split is sorted by
     ``pair_id``; ``filter_report.json`` counts the groups per split under
     ``prompt_groups``.
+
+Label noise (robustness studies)
+    With ``label_noise`` r in [0, 0.5), ``floor(r * n_train + 0.5)`` pairs of the train
+    split (after the split: valid and test stay clean) get chosen and rejected swapped,
+    drawn with the seed (``flip_labels``); ``filter_report.json`` records
+    ``label_noise: {rate, flipped, examples}`` (examples: the first flipped ``pair_id``s).
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ SPLITS = ("train", "valid", "test")
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".arrow", ".feather")
 # How many leading rows auto-detection looks at.
 DETECT_ROWS = 200
+NOISE_STREAM = 0x6E6F6973  # second seed word of the label-noise draw (independent of the split's permutation)
 
 
 # --------------------------------------------------------------------------------------
@@ -675,6 +682,26 @@ def split_records(
     return {name: sorted((records[i] for i in parts[name]), key=lambda r: r["pair_id"]) for name in SPLITS}
 
 
+def flip_labels(records: Sequence[dict], rate: float, seed: int = 1) -> tuple[list[dict], list[int]]:
+    """Label noise: ``floor(rate * n + 0.5)`` of the ``n`` records (round half up), drawn with
+    ``numpy.random.default_rng([seed, NOISE_STREAM])``, get chosen and rejected (and their planted ranges)
+    swapped. -> (the records in their order, the sorted ``pair_id``s of the flipped ones)."""
+    import numpy as np
+
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate < 0.5):
+        raise PrefkdError(f"data.label_noise must be a share in [0, 0.5), got {rate!r}.")
+    n_flip = math.floor(rate * len(records) + 0.5)
+    chosen = set(np.random.default_rng([seed, NOISE_STREAM]).permutation(len(records))[:n_flip].tolist())
+    out = []
+    for i, rec in enumerate(records):
+        if i in chosen:
+            rec = dict(rec, chosen=rec["rejected"], rejected=rec["chosen"])
+            if "chosen_planted" in rec or "rejected_planted" in rec:
+                rec["chosen_planted"], rec["rejected_planted"] = rec.get("rejected_planted"), rec.get("chosen_planted")
+        out.append(rec)
+    return out, sorted(records[i]["pair_id"] for i in chosen)
+
+
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
@@ -735,9 +762,11 @@ def run_prepare(
     hf_split: str = "train",
     hf_config: str | None = None,
     max_pairs: int | None = None,
+    label_noise: float = 0.0,
 ) -> dict:
     """Run the whole stage; write the three splits and ``filter_report.json``; return the report."""
     split_sizes(1, valid_fraction, test_fraction)  # validate fractions before any work
+    flip_labels([], label_noise)  # and the label-noise share
     rows, detected = load_source(source, fmt, hf_split=hf_split, hf_config=hf_config, max_pairs=max_pairs)
     records, drops, examples, nfc_changed = normalise_rows(rows, detected, special_tokens)
     if not records:
@@ -747,6 +776,7 @@ def run_prepare(
             f"(dropped: {counts}); check --format, the special tokens and the source data."
         )
     splits = split_records(records, valid_fraction, test_fraction, seed)
+    splits["train"], flipped = flip_labels(splits["train"], label_noise, seed)  # valid / test stay clean
     present = [k for k in PASS_THROUGH if k in _columns(rows)]
     lines = getattr(rows, "lines", None)
     out = Path(out_dir)
@@ -765,6 +795,7 @@ def run_prepare(
         else {reason: [lines[i] for i in examples[reason]] for reason in DROP_REASONS},
         "splits": {name: len(splits[name]) for name in SPLITS},
         "prompt_groups": {name: len({prompt_key(r["prompt"]) for r in splits[name]}) for name in SPLITS},
+        "label_noise": {"rate": label_noise, "flipped": len(flipped), "examples": flipped[:MAX_EXAMPLES]},
     }
     write_json(out / "filter_report.json", report, sort_keys=False)
     return report
@@ -817,6 +848,11 @@ class PrepareSettings:
     hf_split: str = setting("train", "split of a Hugging Face dataset (default: train)", config="data.hf_split")
     hf_config: str | None = setting(None, "config name of a Hugging Face dataset", config="data.hf_config")
     max_pairs: int | None = setting(None, "keep only the first N source rows", config="data.max_pairs")
+    label_noise: float = setting(
+        0.0,
+        "share of the TRAIN pairs whose chosen and rejected are swapped (seeded; 0: none)",
+        config="data.label_noise",
+    )
 
 
 def run(s: PrepareSettings) -> int:
@@ -833,6 +869,7 @@ def run(s: PrepareSettings) -> int:
         hf_split=s.hf_split,
         hf_config=s.hf_config,
         max_pairs=s.max_pairs,
+        label_noise=s.label_noise,
     )
     dropped = ", ".join(f"{k}={v}" for k, v in report["dropped"].items() if v) or "none"
     splits = report["splits"]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from prefkd.core.layout import ROLES, UNITS
 from prefkd.core.settings import setting
-from prefkd.core.weights import AGGREGATIONS, TRANSFORMS, WeightSpec
+from prefkd.core.weights import AGGREGATIONS, CONTRASTS, TRANSFORMS, WeightSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -122,6 +122,12 @@ class SignalSettings:
     eos_weight: float | None = setting(
         None, "weight of the EOS unit (TIS-DPO's code: 0); unset: the transform weighs it like any unit"
     )
+    contrast: str = setting(
+        "models",
+        "models: delta = l_pos - l_neg on each response; sides (CTPD-Lite): delta = l_ref(chosen span i) -"
+        " l_ref(rejected span i), no pos/neg models",
+        choices=CONTRASTS,
+    )
     batch_size: int = setting(8, "pairs per scoring batch", config="signals.batch_size")
     dtype: str = setting("float32", "dtype the scoring models are loaded in", choices=DTYPES, config="signals.dtype")
 
@@ -136,6 +142,7 @@ class SignalSettings:
             self.top_fraction,
             self.seed,
             eos_weight=self.eos_weight,
+            contrast=self.contrast,
         )
 
     def roles(self) -> dict[str, str]:

@@ -12,6 +12,14 @@ units (aligned spans, or tokens):
 - ``ref_logps_i = l_ref(unit_i)`` of the reference model, so the student job
   needs no teacher at all.
 
+With ``spec.contrast == "sides"`` (CTPD-Lite) there is no pos/neg pair: the
+reference model (the teacher SFT) scores both responses and
+``s_i = l_ref(p_i^chosen) - l_ref(p_i^rejected)`` for the spans paired by index;
+the chosen span gets ``transform(s_i)`` with mu = +1, the rejected one mu = -1,
+and the unpaired tail spans and the EOS unit get weight 1
+(prefkd.core.weights.side_contrast_weights). Both sides store ``s_i`` as their
+delta (0 on the unpaired units).
+
 Mean aggregation (the CTPD ablation; the authors' ``average_log_prob`` switch) makes
 every span log-prob a per-token mean: the delta above, the reference and the
 student's own span log-prob in the loss, ``sum_i w_i * (mean l_theta(p_i) -
@@ -42,7 +50,7 @@ from prefkd.assets.models import load_model, pick_device
 from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.layout import SIDES
 from prefkd.core.logprobs import model_token_logps, span_logps
-from prefkd.core.weights import WEIGHT_BINS, WeightSpec, transform_weights
+from prefkd.core.weights import WEIGHT_BINS, WeightSpec, side_contrast_weights, transform_weights
 from prefkd.data.batches import collate_pairs, unit_ids
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
@@ -93,11 +101,13 @@ def _policy_counts(row: dict, side: str, m: int) -> np.ndarray:
     return np.bincount(units[units >= 0], minlength=m).astype(np.float64)
 
 
-def _side_values(row, side, d, ref_lp, ref_n, unit, spec) -> dict:
+def _side_values(row, side, d, ref_lp, ref_n, unit, spec, w=None) -> dict:
     """One response's stored values: ``{side}_weights``, ``{side}_ref_logps``, ``{side}_delta`` (float32) and the
-    weights themselves under ``w`` (for the statistics), from its deltas and reference unit log-probs / counts."""
+    weights themselves under ``w`` (for the statistics), from its deltas and reference unit log-probs / counts
+    (``w``: weights computed already, CTPD-Lite's)."""
     mu = 1.0 if side == "chosen" else -1.0
-    w = transform_weights(d, mu, spec, row["pair_id"], side, eos=not row[f"{side}_truncated"])
+    if w is None:
+        w = transform_weights(d, mu, spec, row["pair_id"], side, eos=not row[f"{side}_truncated"])
     stored_w, ref = w.astype(np.float64), ref_lp
     if spec.aggregation == "mean":
         ref = ref_lp / np.maximum(ref_n, 1)  # the reference's per-token mean of every unit
@@ -137,9 +147,36 @@ def score_chunks(x: Scorer, rows: list[dict], chunks: list[list[int]], unit: str
     return out
 
 
+def _sides_chunk(chunk: list[dict], unit: str, ref: tuple, spec: WeightSpec) -> list[dict]:
+    """CTPD-Lite's ``_combine_chunk``: the reference model's unit log-probs of the chosen response against those
+    of the rejected one, spans paired by index (prefkd.core.weights.side_contrast_weights)."""
+    ref_units, ref_counts, num_units = ref  # [2B, M], [2B, M], [2B]
+    n = len(chunk)
+    results = []
+    for j, row in enumerate(chunk):
+        lp, cnt, eos = {}, {}, {}
+        for s_i, side in enumerate(SIDES):
+            r, m = j + s_i * n, int(num_units[j + s_i * n])
+            lp[side], cnt[side] = ref_units[r, :m].double().numpy(), ref_counts[r, :m].double().numpy()
+            eos[side] = not row[f"{side}_truncated"]
+        score = {side: lp[side] / np.maximum(cnt[side], 1) for side in SIDES} if spec.aggregation == "mean" else lp
+        d_c, d_r, w_c, w_r = side_contrast_weights(
+            score["chosen"], score["rejected"], spec, (eos["chosen"], eos["rejected"]), row["pair_id"]
+        )
+        res = {"weights": {}}
+        for side, d, w in (("chosen", d_c, w_c), ("rejected", d_r, w_r)):
+            values = _side_values(row, side, d, lp[side], cnt[side], unit, spec, w)
+            res["weights"][side] = values.pop("w")
+            res.update(values)
+        results.append(res)
+    return results
+
+
 def _combine_chunk(chunk: list[dict], unit: str, ref: tuple, pair: tuple | None, spec: WeightSpec):
     """Per row of ``chunk``: its ``{side}_weights``, ``{side}_ref_logps`` and ``{side}_delta`` (numpy), from the
     reference's scores and the (pos, neg) scores of the chunk (None: no contrastive pair)."""
+    if pair is None and spec.contrast == "sides":
+        return _sides_chunk(chunk, unit, ref, spec)
     ref_units, ref_counts, num_units = ref  # [2B, M], [2B, M], [2B]
     if pair is not None:
         (pos_units, pos_counts, _), (neg_units, neg_counts, _) = pair
@@ -196,9 +233,14 @@ def _weight_stats(rows: list[dict], results: list[dict], unit: str) -> dict:
     }
 
 
-def _check_scorers(unit: str, pos, neg, ref) -> None:
+def _check_scorers(unit: str, pos, neg, ref, contrast: str = "models") -> None:
     if (pos is None) != (neg is None):
         raise PrefkdError("give both a positive and a negative model, or neither.")
+    if contrast == "sides" and (pos is not None or unit != "span"):
+        raise PrefkdError(
+            "the sides contrast (CTPD-Lite) scores both responses with the reference model alone, on span units;"
+            " drop --pos/--neg and use --unit span."
+        )
     if unit == "token" and len({x.role for x in (ref, pos, neg) if x is not None}) > 1:
         raise PrefkdError("token units need every model to score the same role's ids; use span units to mix roles.")
 
@@ -216,7 +258,7 @@ def row_chunks(rows: list[dict], role: str, batch_size: int) -> list[list[int]]:
 def assemble_signals(rows, chunks, unit, ref_scores, pair_scores, spec: WeightSpec):
     """The signal table and weight statistics of ``rows`` from every model's chunk scores (``pair_scores``:
     (pos, neg) or None)."""
-    if pair_scores is None and spec.transform not in ("uniform", "random"):
+    if pair_scores is None and spec.contrast == "models" and spec.transform not in ("uniform", "random"):
         spec = WeightSpec(**{**asdict(spec), "transform": "uniform"})
     by_row: dict[int, dict] = {}
     for c, idx in enumerate(chunks):
@@ -247,7 +289,7 @@ def compute_signals(
     spans are shared: a teacher pi+ against a student pi-, or a student reference);
     with token units all scorers must share one role.
     """
-    _check_scorers(unit, pos, neg, ref)
+    _check_scorers(unit, pos, neg, ref, spec.contrast)
     chunks = row_chunks(rows, ref.role, batch_size)
     scores = {}
     for x in (ref, pos, neg):
@@ -367,7 +409,7 @@ def run_shards(
     stash instead of recomputed; the statistics of the shards computed now are returned."""
     roles = dict(models.roles)
     named = {name: Scorer(None, role, 0) for name, _, role in models.named()}
-    _check_scorers(unit, named.get("pos"), named.get("neg"), named["ref"])
+    _check_scorers(unit, named.get("pos"), named.get("neg"), named["ref"], spec.contrast)
     device = pick_device(device)
     stash = ShardStash(_stash_key(pairs, unit, models, spec, batch_size))
     todo = {out: read_shard(tokens, "tokens").to_pylist() for tokens, out in pairs if not stash.restore(out)}

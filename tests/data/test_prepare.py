@@ -902,3 +902,52 @@ def test_lone_surrogate_escape_is_dropped_not_a_crash(tmp_path):
     report = run_prepare(path, tmp_path / "out", valid_fraction=0.0, test_fraction=0.0)
     assert report["kept"] == 2 and report["dropped"]["lone_surrogate"] == 1
     assert report["examples"]["lone_surrogate"] == [1] and report["example_lines"]["lone_surrogate"] == [2]
+
+
+# --------------------------------------------------------------------------------------
+# label noise
+# --------------------------------------------------------------------------------------
+
+
+def test_flip_labels_swaps_round_rate_times_n_deterministically():
+    from prefkd.data.prepare import flip_labels
+
+    recs = _records(50)
+    for rate, expected in ((0.0, 0), (0.01, 1), (0.1, 5), (0.25, 13), (0.49, 25)):  # floor(rate * 50 + 0.5)
+        out, flipped = flip_labels(recs, rate, seed=1)
+        swapped = [r["pair_id"] for r in out if r["chosen"] == "b"]
+        assert len(flipped) == expected and swapped == flipped  # exactly those, in record order
+        assert [r["pair_id"] for r in out] == [r["pair_id"] for r in recs]
+        assert all(r["rejected"] == "a" for r in out if r["pair_id"] in flipped)
+    assert flip_labels(recs, 0.2, seed=1)[1] == flip_labels(recs, 0.2, seed=1)[1] != flip_labels(recs, 0.2, 2)[1]
+    assert all(r["chosen"] == "a" for r in recs)  # the input is left alone
+    planted = [dict(recs[0], chosen_planted=[[0, 1]], rejected_planted=[])]
+    out, _ = flip_labels(planted, 0.4, seed=1)  # floor(0.4 + 0.5) = 0: nothing
+    assert out[0]["chosen_planted"] == [[0, 1]]
+    out, _ = flip_labels(planted * 2, 0.25, seed=1)  # floor(0.5 + 0.5) = 1 of 2
+    assert sorted(map(str, (r["chosen_planted"] for r in out))) == ["[[0, 1]]", "[]"]
+    for bad in (0.5, -0.1, "0.2"):
+        with pytest.raises(PrefkdError, match="label_noise must be a share in"):
+            flip_labels(recs, bad)
+
+
+def test_label_noise_flips_only_train_and_is_counted(tmp_path):
+    src = write_demo_pairs(tmp_path / "demo.jsonl", 200, 5)
+    clean = run_prepare(src, tmp_path / "clean", valid_fraction=0.1, test_fraction=0.2, seed=3)
+    noisy = run_prepare(src, tmp_path / "noisy", valid_fraction=0.1, test_fraction=0.2, seed=3, label_noise=0.2)
+    n_train = clean["splits"]["train"]
+    assert clean["label_noise"] == {"rate": 0.0, "flipped": 0, "examples": []}
+    assert noisy["label_noise"]["flipped"] == int(0.2 * n_train + 0.5) and noisy["splits"] == clean["splits"]
+    for name in ("valid", "test"):  # byte-identical: untouched
+        assert (tmp_path / "clean" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "noisy" / f"{name}.parquet"
+        ).read_bytes()
+    a = pq.read_table(tmp_path / "clean" / "train.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "noisy" / "train.parquet").to_pylist()
+    swapped = [x["pair_id"] for x, y in zip(a, b) if x["chosen"] == y["rejected"] and x["rejected"] == y["chosen"]]
+    same = [x["pair_id"] for x, y in zip(a, b) if x == y]
+    assert len(swapped) == noisy["label_noise"]["flipped"] and len(same) == n_train - len(swapped)
+    assert swapped[:5] == noisy["label_noise"]["examples"]
+    assert all(y["chosen_planted"] == x["rejected_planted"] for x, y in zip(a, b) if x["pair_id"] in swapped)
+    with pytest.raises(PrefkdError, match="label_noise"):
+        run_prepare(src, tmp_path / "bad", label_noise=0.5)

@@ -408,3 +408,68 @@ def test_a_failed_job_keeps_its_finished_shards_and_its_retry_redoes_only_the_re
     ShardStash("old key").keep(outs[0])
     stats = run_shards(pairs, "span", _ctpd_models(shard), WeightSpec(k=2.0))
     assert [s["pairs"] for s in stats] == [12, 5]
+
+
+def test_ctpd_lite_weights_pair_spans_by_index_by_hand():
+    from prefkd.core.weights import side_contrast_weights
+
+    # chosen: 4 spans + EOS; rejected: 2 spans + EOS -> spans 0, 1 paired, chosen spans 2, 3 and both EOS: weight 1
+    chosen = np.array([-1.0, -2.0, -3.0, -0.5, -9.0])
+    rejected = np.array([-3.0, -1.2, -7.0])
+    d_c, d_r, w_c, w_r = side_contrast_weights(chosen, rejected, WeightSpec(), eos=(True, True))
+    # s = [-1 - -3, -2 - -1.2] = [2.0, -0.8] -> clamp to [-0.5, 1.5] = [1.5, -0.5]
+    np.testing.assert_allclose(w_c, [math.exp(1.5), math.exp(-0.5), 1, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(w_r, [math.exp(-1.5), math.exp(0.5), 1], rtol=1e-6)
+    np.testing.assert_allclose(d_c, [2.0, -0.8, 0, 0, 0])
+    np.testing.assert_allclose(d_r, [2.0, -0.8, 0])
+    assert w_c.dtype == np.float32
+    # the longer side rejected, no EOS on a truncated chosen, k = 2, EOS weight set (spec.eos_weight)
+    spec = WeightSpec(k=2.0, eos_weight=0.0)
+    _, _, w_c, w_r = side_contrast_weights(np.array([-1.0]), np.array([-1.2, -5.0, -1.0]), spec, eos=(False, True))
+    np.testing.assert_allclose(w_c, [2 * math.exp(0.2)], rtol=1e-6)  # s = 0.2, inside the clamp
+    np.testing.assert_allclose(w_r, [2 * math.exp(-0.2), 1, 0], rtol=1e-6)  # tail 1 (not k), EOS 0
+
+
+def test_ctpd_lite_shard_scores_both_responses_with_the_teacher_alone(shard):
+    out = shard["root"] / "lite" / "train" / "shard.arrow"
+    spec = WeightSpec(contrast="sides")
+    run_shard(shard["tokens"], out, "teacher", "span", str(shard["pos"]), None, None, spec)
+    sig = read_shard(out, "signals").to_pylist()
+    rows = read_shard(shard["tokens"]).to_pylist()
+    teacher = load_model(str(shard["pos"]))
+    batch = collate_pairs(rows[:3], "teacher", "span", pad_id=0)  # [chosen x 3; rejected x 3]
+    with torch.no_grad():
+        lp = model_token_logps(teacher, batch["input_ids"], batch["attention_mask"])
+    unequal = 0
+    for j, (row, s) in enumerate(zip(rows[:3], sig[:3])):
+        units = {"chosen": batch["unit_ids"][j], "rejected": batch["unit_ids"][j + 3]}
+        spans = {side: row[f"{side}_num_spans"] for side in ("chosen", "rejected")}
+        n = min(spans.values())
+        unequal += spans["chosen"] != spans["rejected"]
+        span_lp = {side: [float(lp[j + 3 * (side == "rejected")][units[side] == k].sum()) for k in range(n)]
+                   for side in ("chosen", "rejected")}  # fmt: skip
+        for side, mu in (("chosen", 1.0), ("rejected", -1.0)):
+            w = s[f"{side}_weights"]
+            for k in range(n):
+                d = span_lp["chosen"][k] - span_lp["rejected"][k]
+                assert s[f"{side}_delta"][k] == pytest.approx(d, abs=1e-4)
+                assert w[k] == pytest.approx(math.exp(mu * min(max(d, -0.5), 1.5)), rel=1e-4)
+            assert all(x == 1.0 for x in w[n:])  # the unpaired tail spans and the EOS unit
+            assert s[f"{side}_ref_logps"][0] == pytest.approx(span_lp[side][0], abs=1e-4)  # teacher SFT reference
+    assert unequal  # the demo pairs have responses of different span counts
+    with pytest.raises(PrefkdError, match="sides contrast"):
+        run_shard(
+            shard["tokens"], out, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]), spec
+        )
+
+
+def test_ctpd_lite_plan_needs_only_the_teacher_sft():
+    from prefkd.core.methods import METHODS, models_for_set, signal_plan
+
+    plan = signal_plan(["ctpd-lite"])
+    assert list(plan) == ["ctpd-lite"] and models_for_set("ctpd-lite", plan) == ["teacher-sft"]
+    assert plan["ctpd-lite"].unit == "span" and plan["ctpd-lite"].contrast == "sides"
+    assert list(signal_plan(["sft", "dpo", "ctpd-lite"])) == ["dpo-ref-student", "ctpd-lite"]
+    assert "ctpd" in signal_plan(["ctpd", "ctpd-lite"]) and "ctpd" in signal_plan(["sft", "dpo"])
+    assert signal_plan(["ctpd-lite"], reference="pos")["ctpd-lite"].ref == ("teacher-sft", "teacher")
+    assert METHODS["ctpd-lite"].weights == "ctpd-lite" and METHODS["ctpd-lite"].unit == "span"

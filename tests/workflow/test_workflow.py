@@ -341,3 +341,51 @@ def test_a_changed_shard_stops_its_reader_with_one_sentence(built: Project):
         path.write_bytes(original)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert nothing_to_do(built.dry_run()) or built.run()
+
+
+GPU_RULES = {"sft", "dpo", "distill", "signals", "dpo_reference", "lm_eval", "preference_eval", "generate_and_score"}
+
+
+def _dry_run_jobs(output: str) -> list[dict]:
+    """Every job of a `snakemake -n -p` output: rule (a scoring job's part suffix dropped), resources, shell."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        res = re.search(r"resources: (.*)", block)
+        if m and res and m.group(1) != "all":
+            resources = dict(kv.split("=", 1) for kv in res.group(1).split(", "))
+            shell = re.search(r"Shell command: (.*)", block)
+            rule = re.sub(r"_part\d+$", "", m.group(1))
+            jobs.append({"rule": rule, "resources": resources, "shell": shell.group(1) if shell else ""})
+    return jobs
+
+
+def test_a_gpu_config_asks_for_gpus_on_model_jobs_only_and_launches_one_process_per_gpu(project: Project):
+    """Issue 11: every training, scoring and evaluation job carries its stage's GPU request, no data job does;
+    `accelerate launch` gets the process count from the resources; scoring jobs walk their share of shards."""
+    config = yaml.safe_load((TEST_CONFIGS / "config-pipeline.yaml").read_text(encoding="utf-8"))
+    config["tokenize"]["shards"] = 2
+    config["resources"] = {
+        "teacher": {"gpus": 4, "cpus": 16, "accelerate": "zero3"},
+        "student": {"gpus": 2, "cpus": 8, "accelerate": "ddp"},
+        "signals": {"gpus": 1, "jobs": 2},
+        "lm_eval": {"gpus": 1},
+        "generate": {"gpus": 1},
+    }
+    project.write_config(config)
+    try:
+        jobs = _dry_run_jobs(project.dry_run("-p"))
+    finally:
+        project.write_config(SMALL_CONFIG)
+    assert GPU_RULES <= {j["rule"] for j in jobs}
+    for job in jobs:
+        gpu = int(job["resources"].get("gpu", 0))
+        assert (gpu > 0) == (job["rule"] in GPU_RULES), job
+        if job["rule"] in ("sft", "dpo", "distill"):
+            n = 4 if "--role teacher" in job["shell"] else 2
+            assert gpu == n and f"--num_processes {n} --num_machines 1" in job["shell"], job
+            assert int(job["resources"]["cpus_per_task"]) == (16 if n == 4 else 8)
+    scoring = [j for j in jobs if j["rule"] == "signals"]
+    walked = sorted(re.search(r"--tokens (.*?) --out", j["shell"]).group(1) for j in scoring)
+    assert all(len(t.split()) == 1 for t in walked)  # 2 shards over 2 jobs: one each
+    assert len(scoring) == 3 * 2  # the ctpd set (dpo reads dpo_reference shards): 3 splits, 2 jobs each

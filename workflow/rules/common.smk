@@ -245,6 +245,7 @@ def signal_flags(sigset):
         values.update(pos=model_path(s.pos[0]), pos_role=s.pos[1], neg=model_path(s.neg[0]), neg_role=s.neg[1])
     values.update({k: v for k, v in (("transform", s.transform), ("aggregation", s.aggregation)) if v})
     values["eos_weight"] = s.eos_weight  # TIS-DPO's EOS weight 0; None: no flag
+    values["contrast"] = None if s.contrast == "models" else s.contrast  # CTPD-Lite: sides
     return to_flags(SignalSettings, values)
 
 
@@ -293,10 +294,19 @@ SUITES = list(EVAL["suites"])
 EVALUATING = TRAINING and EVAL["enabled"]
 
 
+def teacher_pair_needed():
+    """Whether the run trains the teacher's contrastive pair: a signal set or the KD teacher or the implicit
+    judge reads it (a run of CTPD-Lite alone, judged by a reward model or not at all, does not)."""
+    keys = {key for name in SIGNAL_SETS for key in models_for_set(name, SIGNAL_SETS)}
+    kd = config["distill"]["kd_teacher"] == "pos" and any(lib_method(m).kd for m in STUDENT_METHODS)
+    judge = EVAL["enabled"] and EVAL["reward"]["enabled"] and EVAL["reward"]["judge"] == IMPLICIT
+    return bool(keys & {"teacher-pos", "teacher-neg"}) or kd or judge
+
+
 def _eval_models():
-    """teacher-sft, teacher-pos (when it is its own model), student-sft, student-<method>..."""
+    """teacher-sft, teacher-pos (when it is its own model and trained), student-sft, student-<method>..."""
     names = ["teacher-sft"]
-    if pos_model("teacher") != sft_model("teacher"):
+    if pos_model("teacher") != sft_model("teacher") and teacher_pair_needed():
         names.append("teacher-pos")
     names += ["student-sft"] + [f"student-{m}" for m in STUDENT_METHODS if m != "sft"]
     return names
@@ -368,7 +378,7 @@ def report_inputs():
 def report_runs():
     """Training runs whose metrics.jsonl the report plots (name -> model dir)."""
     runs = {"teacher-sft": sft_model("teacher"), "student-sft": sft_model("student")}
-    if config["contrastive"]["construction"] == "dpo":
+    if config["contrastive"]["construction"] == "dpo" and teacher_pair_needed():
         runs.update({"teacher-pos": pos_model("teacher"), "teacher-neg": neg_model("teacher")})
     runs.update({f"student-{m}": f"{R}/students/{m}" for m in STUDENT_METHODS if m != "sft"})
     return runs
