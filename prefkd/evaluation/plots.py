@@ -32,7 +32,8 @@ def png_bytes(fig) -> bytes:
 
 
 def plot_benchmarks(rows: list[dict], labels: list[str]) -> bytes | None:
-    """Grouped bars: one group per task (and the average), one bar per model."""
+    """Grouped bars: one group per task (and the average), one bar per model; error bars of one standard
+    error where a row's ``errors`` has one for the column."""
     columns = labels + ["avg"]
     if not rows or not labels:
         return None
@@ -42,7 +43,9 @@ def plot_benchmarks(rows: list[dict], labels: list[str]) -> bytes | None:
         vals = r["values"]
         xs = [j + (i - (len(rows) - 1) / 2) * width for j, c in enumerate(columns) if vals.get(c) is not None]
         ys = [vals[c] for c in columns if vals.get(c) is not None]
-        ax.bar(xs, ys, width=width, label=r["label"], color=f"C{i % 10}")
+        errs = [(r.get("errors") or {}).get(c) for c in columns if vals.get(c) is not None]
+        yerr = [e if is_number(e) else 0.0 for e in errs] if any(is_number(e) for e in errs) else None
+        ax.bar(xs, ys, width=width, label=r["label"], color=f"C{i % 10}", yerr=yerr, capsize=2, ecolor="0.3")
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("score x100")
     ax.set_title("Benchmarks")

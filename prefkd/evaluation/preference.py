@@ -8,6 +8,10 @@ within ``TIE_NATS`` of zero: the reference log-probs were computed in another jo
 shapes, float32 storage), so the reference model evaluated against them differs by float noise. ``logp_accuracy``
 needs no reference: the share of pairs where the model gives the chosen response the higher
 summed log-probability (ties one half).
+
+Both are means of per-pair outcomes (1 win, 0.5 tie, 0 loss), which ``per_pair`` keeps (pair_id, margin,
+outcome, logp_outcome) so the report can give intervals and paired tests; ``accuracy_ci`` and
+``logp_accuracy_ci`` are the 95% percentile bootstrap intervals of ``prefkd.evaluation.stats``.
 """
 
 from __future__ import annotations
@@ -22,21 +26,32 @@ from prefkd.core.logprobs import model_token_logps, span_logps
 from prefkd.data.batches import PairTable, collate_pairs
 from prefkd.errors import PrefkdError
 from prefkd.evaluation.settings import PreferenceEvalSettings
+from prefkd.evaluation.stats import bootstrap_ci
 from prefkd.io.files import write_json
 
 TIE_NATS = 1e-3
 
 
-def preference_summary(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> dict:
-    """Pure: per-pair summed log-probs (policy and reference) -> accuracy, margin, ties, logp accuracy."""
+def _outcomes(better, tie) -> list[float]:
+    return [0.5 if t else 1.0 if b else 0.0 for b, t in zip(better.tolist(), tie.tolist())]
+
+
+def preference_summary(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_ids=None) -> dict:
+    """Pure: per-pair summed log-probs (policy and reference) -> accuracy, margin, ties, logp accuracy,
+    their per-pair outcomes (``pair_ids`` default 0..n-1) and bootstrap intervals."""
     pc, pr = torch.as_tensor(policy_chosen, dtype=torch.float64), torch.as_tensor(policy_rejected, dtype=torch.float64)
     rc, rr = torch.as_tensor(ref_chosen, dtype=torch.float64), torch.as_tensor(ref_rejected, dtype=torch.float64)
     n = int(pc.numel())
     if n == 0:
         raise PrefkdError("no held-out pairs to evaluate; the test split is empty.")
+    ids = list(range(n)) if pair_ids is None else [int(i) for i in pair_ids]
+    if len(ids) != n:
+        raise PrefkdError(f"{len(ids)} pair ids for {n} pairs; give one id per pair.")
     log_ratio = (pc - rc) - (pr - rr)
     tie = log_ratio.abs() <= TIE_NATS
     logp_tie = (pc - pr).abs() <= TIE_NATS
+    outcome, logp_outcome = _outcomes(log_ratio > 0, tie), _outcomes(pc > pr, logp_tie)
+    margins = (beta * log_ratio).tolist()
     return {
         "accuracy": (int(((log_ratio > 0) & ~tie).sum()) + 0.5 * int(tie.sum())) / n,
         "margin": float((beta * log_ratio).mean()),
@@ -44,6 +59,12 @@ def preference_summary(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         "logp_accuracy": (int(((pc > pr) & ~logp_tie).sum()) + 0.5 * int(logp_tie.sum())) / n,
         "pairs": n,
         "beta": beta,
+        "accuracy_ci": list(bootstrap_ci(outcome)),
+        "logp_accuracy_ci": list(bootstrap_ci(logp_outcome)),
+        "per_pair": [
+            {"pair_id": i, "margin": m, "outcome": o, "logp_outcome": lo}
+            for i, m, o, lo in zip(ids, margins, outcome, logp_outcome)
+        ],
     }
 
 
@@ -83,7 +104,7 @@ def evaluate_preference(
     device = pick_device(device)
     model = load_model(str(model_dir)).to(device)
     pc, pr, rc, rr = response_logps(model, table, role, pad_id(load_tokenizer(model_dir)), batch_size, device)
-    return preference_summary(pc, pr, rc, rr, beta)
+    return preference_summary(pc, pr, rc, rr, beta, pair_ids=table.pair_ids)
 
 
 def run(s: PreferenceEvalSettings) -> int:

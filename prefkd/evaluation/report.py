@@ -10,6 +10,11 @@ Required inputs (a model's suite JSONs and preference.json, the alignment report
 PrefkdError naming the file when absent; optional ones (reward.json, weights.json,
 metrics.jsonl) only drop their column, section or plot, with a sentence saying so.
 
+Uncertainty: a rate with per-item outcomes (preference.json's ``per_pair``, reward.json's ``per_prompt``) is
+shown as ``value [lo, hi]``, its 95% percentile bootstrap interval; a benchmark score as ``value ± se`` with
+lm-eval's standard error; the section "CTPD vs baselines" tests CTPD against each other student on the same
+items (``prefkd.evaluation.stats``). ``table_numbers`` reads a cell's value and ``table_intervals`` its interval.
+
 Figures are drawn with matplotlib's Agg canvas on standalone Figure objects (no pyplot
 state) and saved without the Software metadata, so running twice gives identical bytes.
 """
@@ -33,6 +38,7 @@ from prefkd.evaluation.plots import (
     plot_weight_histograms,
 )
 from prefkd.evaluation.settings import ReportSettings
+from prefkd.evaluation.stats import LEVEL, RESAMPLES, bootstrap_ci, compare, paired_outcomes
 from prefkd.io.files import atomic_dir
 
 DASH = "\u2013"  # shown for a missing value
@@ -51,6 +57,8 @@ TEACHER_REFERENCE_METHODS = teacher_reference_methods()
 SPLIT_ORDER = ("all", "train", "valid", "test")
 PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
 TAIL_STEPS = 10  # the "final" reward accuracy / margin is the mean of the last TAIL_STEPS steps
+CTPD = "student-ctpd"  # the method the "CTPD vs baselines" section compares with every other student
+PM = "\u00b1"  # value ± standard error
 
 
 # ---------------------------------------------------------------------------
@@ -99,7 +107,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_suite(eval_dir: Path, suite: str) -> dict[str, dict]:
-    """The scores of one suite JSON as task -> {"label", "value"} (value a fraction or None), in file order."""
+    """The scores of one suite JSON as task -> {"label", "value", "stderr"} (fractions or None), in file order."""
     path = Path(eval_dir) / f"{suite}.json"
     data = _read_json(path, "benchmark result")
     scores = data.get("scores")
@@ -109,7 +117,12 @@ def read_suite(eval_dir: Path, suite: str) -> dict[str, dict]:
     for task, entry in scores.items():
         entry = entry if isinstance(entry, dict) else {}
         value = entry.get("value")
-        out[task] = {"label": str(entry.get("label") or task), "value": float(value) if is_number(value) else None}
+        stderr = entry.get("stderr")
+        out[task] = {
+            "label": str(entry.get("label") or task),
+            "value": float(value) if is_number(value) else None,
+            "stderr": float(stderr) if is_number(stderr) and is_number(value) else None,
+        }
     # The suite's own task order (settings.tasks: names or {"task": name, ...}) beats the file's key order.
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     order = [
@@ -186,12 +199,20 @@ def benchmark_columns(scores: dict[str, dict[str, dict[str, dict]]], suites: lis
 
 
 def benchmark_row(per_suite: dict[str, dict], columns: list[dict]) -> dict:
-    """One model's shown values (x100, rounded) per column label, its average and whether it is partial."""
-    raw = [per_suite.get(c["suite"], {}).get(c["task"], {}).get("value") for c in columns]
+    """One model's shown values (x100, rounded) per column label, its average and whether it is partial, and
+    the standard errors (x100) by label: lm-eval's per task; the average's sqrt(sum se^2) / k (tasks taken as
+    independent samples) when every task it averages has one."""
+    entries = [per_suite.get(c["suite"], {}).get(c["task"], {}) for c in columns]
+    raw = [e.get("value") for e in entries]
     present = [v for v in raw if v is not None]
     row = {c["label"]: pct(v) for c, v in zip(columns, raw)}
     avg = pct(sum(present) / len(present)) if present else None
-    return {"values": row, "avg": avg, "partial": len(present) < len(raw), "present": len(present), "tasks": len(raw)}
+    errs = [e.get("stderr") for e in entries if e.get("value") is not None]
+    errors = {c["label"]: pct(e.get("stderr")) for c, e in zip(columns, entries) if e.get("value") is not None}
+    if present and all(e is not None for e in errs):
+        errors["avg"] = pct(sum(e * e for e in errs) ** 0.5 / len(errs))
+    return {"values": row, "avg": avg, "partial": len(present) < len(raw), "present": len(present), "tasks": len(raw),
+            "errors": {k: v for k, v in errors.items() if v is not None}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +222,8 @@ def benchmark_row(per_suite: dict[str, dict], columns: list[dict]) -> dict:
 
 def _plot_row(model: str, bench: dict) -> dict:
     """A model's row for the tables and the bar plot: its label and shown values by column (and "avg")."""
-    return {"model": model, "label": row_label(model), "values": {**bench[model]["values"], "avg": bench[model]["avg"]}}
+    values = {**bench[model]["values"], "avg": bench[model]["avg"]}
+    return {"model": model, "label": row_label(model), "values": values, "errors": bench[model].get("errors", {})}
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -228,6 +250,42 @@ def _fmt(value, best: float | None = None, partial: bool = False, digits: int = 
     if value is not None and partial:
         text += STAR
     return text
+
+
+def _pm(text: str, se: float | None) -> str:
+    """A shown value with its standard error: ``70.00 ± 5.00``."""
+    return text if se is None or text == DASH else f"{text} {PM} {se:.2f}"
+
+
+def _score(value, se: float | None, best: float | None = None, partial: bool = False) -> str:
+    """A benchmark cell: the value (bold when best), its standard error, then the partial-average mark."""
+    text = _pm(_fmt(value, best), se)
+    return text + STAR if value is not None and partial else text
+
+
+def _interval(text: str, ci: tuple[float, float] | None, digits: int = 2) -> str:
+    """A shown value with its interval: ``63.75 [52.50, 75.00]`` (ci already in the shown scale)."""
+    return text if ci is None or text == DASH else f"{text} [{_cell(ci[0], digits)}, {_cell(ci[1], digits)}]"
+
+
+def outcomes_of(data: dict | None, key: str, outcome: str = "outcome") -> dict[int, float] | None:
+    """{item id: outcome} from a JSON's per-item list (``per_pair`` / ``per_prompt``); None when it has none."""
+    rows = (data or {}).get(key)
+    if not isinstance(rows, list) or not rows:
+        return None
+    if not all(isinstance(r, dict) and is_number(r.get("pair_id")) and is_number(r.get(outcome)) for r in rows):
+        return None
+    return {int(r["pair_id"]): float(r[outcome]) for r in rows}
+
+
+def _rate_ci(data: dict | None, key: str, outcome: str = "outcome") -> tuple[float, float] | None:
+    """The bootstrap interval (x100) of a rate from its per-item outcomes, None without them."""
+    items = outcomes_of(data, key, outcome)
+    return None if items is None else tuple(pct(v) for v in bootstrap_ci(list(items.values())))
+
+
+def _p_cell(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _link(plots: dict[str, str | None], name: str, caption: str, reason: str) -> list[str]:
@@ -270,15 +328,26 @@ def _benchmark_section(main, bench, columns, suites, plots) -> tuple[list[str], 
         partial = bench[r["model"]]["partial"]
         vals = r["values"]
         is_student = r["model"] in students
-        cells = [_fmt(vals[label], best.get(label) if is_student else None) for label in labels]
-        cells.append(_fmt(vals["avg"], best.get("avg") if is_student else None, partial))
+        errs = r["errors"]
+        cells = [_score(vals[label], errs.get(label), best.get(label) if is_student else None) for label in labels]
+        cells.append(_score(vals["avg"], errs.get("avg"), best.get("avg") if is_student else None, partial))
         body.append([r["label"]] + cells)
         table.update({(r["label"], k): v for k, v in vals.items() if v is not None})
     lines += [
-        f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column.",
+        f"Suites: {', '.join(suites)}. Scores are accuracy-type metrics x100; bold = best student value per column; "
+        f"{PM} is lm-eval's standard error (x100; a 95% interval is about 1.96 of it each side), the avg's is "
+        f"sqrt(sum se^2) / tasks (tasks taken as independent).",
         "",
     ]
     lines += _md_table(["model"] + labels + ["avg"], body) + [""]
+    no_se = [c["label"] for c in columns if any(
+        bench[m]["values"].get(c["label"]) is not None and c["label"] not in bench[m]["errors"] for m in main)]  # fmt: skip
+    if no_se:
+        lines += [
+            f"No {PM} on {', '.join(no_se)}: lm-eval reports no standard error there and the evaluation keeps no "
+            f"per-sample results (log_samples off) to bootstrap one from.",
+            "",
+        ]
     partial = [r["label"] for r in rows if bench[r["model"]]["partial"]]
     if partial:
         lines += [
@@ -313,7 +382,9 @@ def _preference_section(order, prefs, rewards) -> tuple[list[str], dict]:
             for k in ("wins", "ties", "losses"):
                 vals[k] = int(r[k]) if is_number(r.get(k)) else None
         label = row_label(m)
-        cells = [_cell(vals[h], digits.get(h, 2)) for h in header[1:] if h != "judge"]
+        cis = {"pref acc": _rate_ci(p, "per_pair"), "logp acc": _rate_ci(p, "per_pair", "logp_outcome")}
+        cis["win rate"] = _rate_ci(rewards.get(m), "per_prompt")
+        cells = [_interval(_cell(vals[h], digits.get(h, 2)), cis.get(h)) for h in header[1:] if h != "judge"]
         if have_reward:
             cells.append(str((rewards.get(m) or {}).get("judge") or DASH))
         body.append([label] + cells)
@@ -324,19 +395,71 @@ def _preference_section(order, prefs, rewards) -> tuple[list[str], dict]:
         "beta * log(pi/pi_ref) ranks chosen above rejected (ties count half)"
         + (f", reference {', '.join(ref)}" if ref else "")
         + "; margin: mean reward margin; logp acc: share (x100) where the summed response log-prob "
-        "of chosen beats rejected (reference-free).",
+        "of chosen beats rejected (reference-free). [lo, hi]: 95% percentile bootstrap interval over the "
+        f"test pairs ({RESAMPLES} resamples of the per-pair outcomes); without one, the preference.json keeps no "
+        "per-pair outcomes (an older run: rerun preference_eval).",
         "",
     ]
     if have_reward:
         baselines = sorted({str(r.get("baseline")) for r in rewards.values() if r and r.get("baseline")})
         lines += [
             f"win rate: share (x100) of held-out prompts where the judge scores the model's answer above "
-            f"the answer of {', '.join(baselines) or 'student-sft'} (ties count half); {DASH}: no reward.json.",
+            f"the answer of {', '.join(baselines) or 'student-sft'} (ties count half; [lo, hi] over the prompts, "
+            f"as above); {DASH}: no reward.json.",
             "",
         ]
     lines += _md_table(header, body) + [""]
     if not have_reward:
         lines += ["No reward.json for any model: the reward-model win rates were not computed.", ""]
+    return lines, table
+
+
+def _comparison_row(label: str, a: dict[int, float] | None, b: dict[int, float] | None) -> list[str] | None:
+    """One row of the CTPD-vs-baselines table (None when either side keeps no per-item outcomes)."""
+    if a is None or b is None:
+        return None
+    _, xs, ys = paired_outcomes(a, b)
+    if not xs:
+        return [label, DASH, DASH, DASH, "0"]
+    c = compare(xs, ys)
+    diff = _interval(_cell(pct(c["difference"])), (pct(c["lo"]), pct(c["hi"])))
+    return [label, diff, _p_cell(c["p_value"]), _p_cell(c["sign_p_value"]), str(c["n"])]
+
+
+def _comparison_section(order, prefs, rewards) -> tuple[list[str], dict]:
+    """CTPD minus every other student on held-out preference accuracy (and reward win rate), paired on the
+    same items: the difference with its bootstrap interval, two p-values and the number of items."""
+    lines = ["## CTPD vs baselines (paired)", ""]
+    others = [m for m in order if m != CTPD and m not in TEACHER_ROWS]
+    if CTPD not in order or not others:
+        lines += ["No paired comparison: the report needs CTPD and at least one other student.", ""]
+        return lines, {}
+    body, missing = [], []
+    for what, key, source in (("pref acc", "per_pair", prefs), ("win rate", "per_prompt", rewards)):
+        mine = outcomes_of(source.get(CTPD), key)
+        for m in others:
+            row = _comparison_row(f"{row_label(m)}: {what}", mine, outcomes_of(source.get(m), key))
+            if row is not None:
+                body.append(row)
+            elif what == "pref acc" or (source.get(m) and source.get(CTPD)):
+                missing.append(f"{row_label(m)} ({what})")
+    if not body:
+        lines += ["No paired comparison: no two evaluation files keep per-item outcomes (rerun the evaluation).", ""]
+        return lines, {}
+    header = ["CTPD vs", "diff [95% CI]", "p (bootstrap)", "p (sign test)", "n"]
+    lines += [
+        f"CTPD minus the baseline on the same held-out items (matched by pair_id), in points x100; pref acc over "
+        f"the test pairs, win rate over the judged prompts (both against the student SFT, ties count half). "
+        f"[lo, hi]: {LEVEL:.0%} paired bootstrap interval ({RESAMPLES} joint resamples of the items); "
+        f"p (bootstrap): two-sided, the resampled differences centred on the observed one; p (sign test): exact "
+        f"two-sided sign test over the items where the two differ (McNemar's exact test for 0/1 outcomes; exact, "
+        f"so it also holds at small n). No correction for the number of comparisons.",
+        "",
+    ]
+    lines += _md_table(header, body) + [""]
+    if missing:
+        lines += [f"Not compared (no per-item outcomes in its JSON or CTPD's): {', '.join(missing)}.", ""]
+    table = {(r[0], h): v for r in body for h, c in zip(header[1:], r[1:]) if (v := _number(c)) is not None}
     return lines, table
 
 
@@ -355,7 +478,10 @@ def _ablation_section(ablations, bench, prefs, columns) -> tuple[list[str], dict
         acc = prefs[m].get("accuracy")
         vals = {**bench[m]["values"], "avg": bench[m]["avg"], "pref acc": pct(acc if is_number(acc) else None)}
         vals[PAPER_AVG_COLUMN] = PAPER_ABLATION_AVG.get(m)
-        cells = [_fmt(vals[h], partial=(h == "avg" and bench[m]["partial"])) for h in header[1:]]
+        errs, partial = bench[m]["errors"], bench[m]["partial"]
+        cells = [_score(vals[h], errs.get(h), partial=h == "avg" and partial) for h in header[1:]]
+        at = header.index("pref acc") - 1
+        cells[at] = _interval(cells[at], _rate_ci(prefs[m], "per_pair"))
         body.append([label] + cells)
         table.update({(label, k): v for k, v in vals.items() if v is not None})
     lines += [
@@ -382,6 +508,9 @@ def _data_section(filters: dict | None) -> tuple[list[str], dict]:
         where = ", ".join(str(n) for n in (lines_of.get(reason) or [])[:5])
         rows.append([f"dropped: {reason}" + (f" (lines {where})" if where else ""), str(count)])
     rows += [[f"{split} pairs", str(n)] for split, n in (filters.get("splits") or {}).items()]
+    noise = filters.get("label_noise") or {}
+    if noise.get("rate"):  # data.label_noise: train pairs swapped on purpose
+        rows.append([f"train pairs flipped (label noise {noise['rate']})", str(noise.get("flipped", DASH))])
     lines += [f"`prepare` read {filters.get('source', 'the source')}; rows it dropped are counted by reason.", ""]
     lines += _md_table(["", "count"], rows) + [""]
     table = {(r[0], "count"): float(r[1]) for r in rows if r[1].isdigit()}
@@ -432,8 +561,24 @@ def _alignment_section(alignment: dict, plots) -> tuple[list[str], dict]:
         "",
     ]
     lines += _md_table(["statistic"] + splits, body) + [""]
+    lines += _mismatch_lines(alignment, splits)
     lines += _link(plots, "span_sizes", "Span sizes", "the alignment report has no span-size histogram")
     return lines, table
+
+
+def _mismatch_lines(alignment: dict, splits: list[str]) -> list[str]:
+    """Tokenizer mismatch: the share of spans per class (teacher : student tokens), from stats/alignment.json."""
+    classes = ("1:1", "1:n", "n:1", "n:m")
+    shown = [s for s in splits if isinstance(alignment[s].get("span_class_share"), dict)]
+    if not shown:
+        return []
+    body = [
+        [f"{c} spans (%)"] + [_cell(pct(alignment[s]["span_class_share"].get(c)), 2) for s in shown] for c in classes
+    ]
+    lines = [
+        "Span classes (teacher tokens : student tokens per aligned span; `prefkd mismatch` adds vocabulary overlap):"
+    ]
+    return lines + [""] + _md_table(["span class"] + shown, body) + [""]
 
 
 def _weights_section(weights: dict | None, weights_path: Path | None, plots) -> tuple[list[str], dict]:
@@ -588,14 +733,15 @@ def build_report(
         "",
         f"How to read: benchmark and accuracy numbers are percentages (fractions x100, 2 decimals); "
         f"{DASH} marks a missing value and {STAR} an average over the values that exist; bold marks the "
-        f"best student per column. Every number comes from the JSON files under results/{experiment}/ "
-        f"(eval/<model>/, stats/, models/, students/).",
+        f"best student per column; [lo, hi] is a 95% bootstrap interval and {PM} a standard error. Every number "
+        f"comes from the JSON files under results/{experiment}/ (eval/<model>/, stats/, models/, students/).",
         "",
     ]
     tables = {}
     for key, (section, table) in {
         "Benchmarks": _benchmark_section(main, bench, columns, suites, plots),
         "Preference": _preference_section(main + ablations, prefs, rewards),
+        "Comparisons": _comparison_section(main + ablations, prefs, rewards),
         "Ablations": _ablation_section(ablations, bench, prefs, columns),
         "Data": _data_section(filter_report),
         "Alignment": _alignment_section(align, plots),
@@ -625,12 +771,30 @@ def build_report(
 # Parsing the report back (tests, workflow checks)
 # ---------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"^-?\d+(?:\.\d+)?$")
+_NUM = r"-?\d+(?:\.\d+)?"
+# a shown value, optionally with its interval "[lo, hi]" or its standard error "± se"
+_NUMBER = re.compile(rf"^({_NUM})(?:\s*\[({_NUM}), ({_NUM})\]|\s*\u00b1\s*({_NUM}))?$")
+
+
+def _cell_match(cell: str):
+    return _NUMBER.match(cell.replace("\\*", "").replace("*", "").strip().rstrip("%"))
 
 
 def _number(cell: str) -> float | None:
-    text = cell.replace("\\*", "").replace("*", "").strip().rstrip("%")
-    return float(text) if _NUMBER.match(text) else None
+    """The value of a cell (its interval or standard error left out); None when the cell is no number."""
+    m = _cell_match(cell)
+    return float(m.group(1)) if m else None
+
+
+def cell_interval(cell: str) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a ``value [lo, hi]`` cell, ``(value - se, value + se)`` of a ``value ± se`` one, else None."""
+    m = _cell_match(cell)
+    if not m or (m.group(2) is None and m.group(4) is None):
+        return None
+    if m.group(2) is not None:
+        return float(m.group(2)), float(m.group(3))
+    value, se = float(m.group(1)), float(m.group(4))
+    return value - se, value + se
 
 
 def table_rows(md_text: str, section: str) -> tuple[list[str], list[list[str]]]:
@@ -668,6 +832,18 @@ def table_numbers(md_text: str, section: str = "Benchmarks") -> dict[tuple[str, 
     return out
 
 
+def table_intervals(md_text: str, section: str = "Benchmarks") -> dict[tuple[str, str], tuple[float, float]]:
+    """{(row label, column): (lo, hi)} of the cells of a table that carry an interval or a standard error."""
+    header, rows = table_rows(md_text, section)
+    out = {}
+    for row in rows:
+        for column, cell in zip(header[1:], row[1:]):
+            ci = cell_interval(cell)
+            if ci is not None:
+                out[(row[0].replace("**", ""), column)] = ci
+    return out
+
+
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
@@ -701,4 +877,13 @@ def run(s: ReportSettings) -> int:
     return 0
 
 
-__all__ = ["build_report", "table_numbers", "table_rows", "read_metrics", "row_label", "ReportSettings", "run"]
+__all__ = [
+    "build_report",
+    "table_numbers",
+    "table_intervals",
+    "table_rows",
+    "read_metrics",
+    "row_label",
+    "ReportSettings",
+    "run",
+]

@@ -16,6 +16,8 @@
     local path or the Hugging Face cache only.
 
 * ``win_rate``: per prompt, the model's score against the baseline's; ties (exact equality) count one half.
+  reward.json keeps the per-prompt outcomes (``per_prompt``: pair_id, score, baseline_score, outcome 1 / 0.5 /
+  0) and the 95% percentile bootstrap interval of the win rate (``win_rate_ci``, ``prefkd.evaluation.stats``).
 
 CLI: ``prefkd generate`` (answers + scores -> generations.jsonl) and ``prefkd winrate`` (two generation
 files -> reward.json), see ``GenerateSettings`` / ``WinrateSettings``.
@@ -34,6 +36,7 @@ from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.logprobs import model_token_logps
 from prefkd.errors import PrefkdError
 from prefkd.evaluation.settings import IMPLICIT, GenerateSettings, WinrateSettings
+from prefkd.evaluation.stats import bootstrap_ci
 from prefkd.io.files import write_json
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,10 +367,16 @@ def make_judge(spec: str, pos=None, neg=None, **kwargs):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def outcomes(scores, baseline_scores) -> list[float]:
+    """Per prompt: 1.0 when the model's score is above the baseline's, 0.5 when equal, else 0.0."""
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)]
+
+
 def win_rate(scores, baseline_scores) -> dict:
     """Per prompt (same prompts, same order) the model's score against the baseline's.
 
-    Ties are exact equality and count one half: ``win_rate = (wins + 0.5 * ties) / prompts``.
+    Ties are exact equality and count one half: ``win_rate = (wins + 0.5 * ties) / prompts``, the mean of the
+    per-prompt outcomes, whose bootstrap interval is ``win_rate_ci``.
     """
     scores, baseline_scores = [float(s) for s in scores], [float(s) for s in baseline_scores]
     if len(scores) != len(baseline_scores):
@@ -383,6 +392,7 @@ def win_rate(scores, baseline_scores) -> dict:
         "ties": ties,
         "losses": n - wins - ties,
         "win_rate": (wins + 0.5 * ties) / n,
+        "win_rate_ci": list(bootstrap_ci(outcomes(scores, baseline_scores))),
         "mean_score": sum(scores) / n,
         "baseline_mean_score": sum(baseline_scores) / n,
     }
@@ -495,14 +505,20 @@ def run_generate(s: GenerateSettings) -> int:
 def compare_generations(
     rows: list[dict], baseline_rows: list[dict], scores_path="model", baseline_path="baseline"
 ) -> dict:
-    """``win_rate`` of two generation files that must cover the same pair_ids in the same order."""
+    """``win_rate`` of two generation files that must cover the same pair_ids in the same order, with the
+    per-prompt outcomes (``per_prompt``)."""
     ids, base_ids = [r["pair_id"] for r in rows], [r["pair_id"] for r in baseline_rows]
     if ids != base_ids:
         raise PrefkdError(
             f"{scores_path} and {baseline_path} do not cover the same pair_ids in the same order "
             f"({len(ids)} vs {len(base_ids)} rows); generate both with the same data and --max-prompts."
         )
-    return win_rate([r["score"] for r in rows], [r["score"] for r in baseline_rows])
+    scores, base = [r["score"] for r in rows], [r["score"] for r in baseline_rows]
+    per_prompt = [
+        {"pair_id": i, "score": a, "baseline_score": b, "outcome": o}
+        for i, a, b, o in zip(ids, scores, base, outcomes(scores, base))
+    ]
+    return {**win_rate(scores, base), "per_prompt": per_prompt}
 
 
 def run_winrate(s: WinrateSettings) -> int:

@@ -31,6 +31,7 @@ from prefkd.evaluation.lmeval import (
     write_task_data,
 )
 from prefkd.evaluation.preference import TIE_NATS, evaluate_preference, preference_summary
+from prefkd.evaluation.stats import bootstrap_ci
 from prefkd.io.shards import read_shard
 
 PAIRS = 16  # the shared session pairs (conftest.py)
@@ -54,6 +55,25 @@ def test_preference_summary_hand_computed():
     assert noisy["accuracy"] == 0.5 and noisy["ties"] == 1
     with pytest.raises(PrefkdError, match="empty"):
         preference_summary([], [], [], [], beta=0.1)
+
+
+def test_preference_summary_keeps_per_pair_outcomes_and_intervals():
+    """The accuracy is the mean of the per-pair outcomes (1 win, 0.5 tie, 0 loss) kept with their pair ids."""
+    out = preference_summary([2.0, 0.0, 5.0], [0.0, 1.0, 5.0], [1.0, 0.0, 5.0], [0.0, 0.0, 5.0], 0.5, [7, 3, 9])
+    assert [(r["pair_id"], r["outcome"], r["logp_outcome"]) for r in out["per_pair"]] == [
+        (7, 1.0, 1.0),
+        (3, 0.0, 0.0),
+        (9, 0.5, 0.5),
+    ]
+    assert [r["margin"] for r in out["per_pair"]] == pytest.approx([0.5, -0.5, 0.0])
+    assert sum(r["outcome"] for r in out["per_pair"]) / 3 == pytest.approx(out["accuracy"])
+    lo, hi = out["accuracy_ci"]
+    assert 0.0 <= lo < out["accuracy"] < hi <= 1.0
+    assert out["accuracy_ci"] == list(bootstrap_ci([1.0, 0.0, 0.5]))
+    assert out["logp_accuracy_ci"] == list(bootstrap_ci([1.0, 0.0, 0.5]))
+    assert [r["pair_id"] for r in preference_summary([1.0], [0.0], [0.0], [0.0], 0.1)["per_pair"]] == [0]
+    with pytest.raises(PrefkdError, match="one id per pair"):
+        preference_summary([1.0], [0.0], [0.0], [0.0], 0.1, pair_ids=[1, 2])
 
 
 def test_arithmetic_answers_come_from_the_question():
@@ -194,6 +214,9 @@ def test_preference_accuracy_equals_an_independent_computation(setup):
         wins += m > TIE_NATS
         ties += abs(m) <= TIE_NATS
     assert out["accuracy"] == pytest.approx((wins + 0.5 * ties) / PAIRS)
+    ids = [r["pair_id"] for r in read_shard(setup["tokens"], "tokens").to_pylist()]
+    assert [r["pair_id"] for r in out["per_pair"]] == ids
+    assert [r["margin"] for r in out["per_pair"]] == pytest.approx(margins, abs=1e-3)  # float32, batched
     assert out["margin"] == pytest.approx(sum(margins) / PAIRS, abs=1e-4)
 
 

@@ -8,11 +8,21 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefkd.core.settings import add_options, from_args
 from prefkd.errors import PrefkdError
-from prefkd.evaluation.report import PAPER_AVG_COLUMN, ReportSettings, build_report, run, table_numbers, table_rows
+from prefkd.evaluation.report import (
+    PAPER_AVG_COLUMN,
+    ReportSettings,
+    build_report,
+    run,
+    table_intervals,
+    table_numbers,
+    table_rows,
+)
+from prefkd.evaluation.stats import bootstrap_ci, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
@@ -39,6 +49,8 @@ ROWS = {
     "student-uld": "ULD",
 }
 REWARDS = {"student-dpo": (0.55, 30, 6, 24), "student-ctpd": (0.6833, 38, 6, 16)}
+NO_OUTCOMES = "student-uld"  # its preference.json predates the per-pair outcomes
+PAIR_IDS = list(range(100, 160))
 
 # Same shape as a real run's stats/alignment.json (prefkd.data.tokenize_align.gather_stats), trimmed.
 ALIGN_SPLIT = {
@@ -150,17 +162,36 @@ def _suite_json(model: str, suite: str, values: dict) -> dict:
     return {"model": model, "suite": suite, "scores": scores, "settings": {"tasks": tasks, "limit": 60}, "lm_eval": {}}
 
 
+def _outcomes(wins: int, ties: int, n: int, seed: int) -> list[float]:
+    """wins 1s, ties 0.5s, the rest 0s, in a per-model order (so pairings differ between models)."""
+    x = [1.0] * wins + [0.5] * ties + [0.0] * (n - wins - ties)
+    return [x[k] for k in np.random.default_rng(seed).permutation(n)]
+
+
 def _pref(model: str, i: int) -> dict:
-    return {
+    ties = 60 if model == "student-sft" else 0  # the reference itself: every pair ties
+    outcome = _outcomes(min(60, 28 + 4 * i) if not ties else 0, ties, 60, i)
+    logp = _outcomes(25 + 3 * i, 0, 60, 100 + i)
+    out = {
         "model": model,
-        "accuracy": 0.5 + 0.0731 * i,
+        "accuracy": sum(outcome) / 60,
         "margin": 0.12345 * i - 0.1,
         "pairs": 60,
-        "ties": 0,
+        "ties": ties,
         "beta": 0.1,
         "reference": "student-sft",
-        "logp_accuracy": 0.41667 + 0.05 * i,
+        "logp_accuracy": sum(logp) / 60,
     }
+    if model != NO_OUTCOMES:
+        out["per_pair"] = [
+            {"pair_id": p, "margin": 0.1, "outcome": o, "logp_outcome": lo} for p, o, lo in zip(PAIR_IDS, outcome, logp)
+        ]
+    return out
+
+
+def _reward_outcomes(model: str) -> list[float]:
+    _, wins, ties, _ = REWARDS[model]
+    return _outcomes(wins, ties, 60, len(model))
 
 
 def _metrics(kind: str, steps: int = 30) -> str:
@@ -206,6 +237,10 @@ def make_tree(root: Path, extra_models: dict | None = None) -> dict:
                     "wins": wins,
                     "ties": ties,
                     "losses": losses,
+                    "per_prompt": [
+                        {"pair_id": p, "score": o, "baseline_score": 0.5, "outcome": o}
+                        for p, o in zip(PAIR_IDS, _reward_outcomes(model))
+                    ],
                 },
             )
         models[model] = d
@@ -278,10 +313,10 @@ def test_best_student_value_is_bold_and_teachers_never(built):
     _, _, md = built
     header, rows = table_rows(md, "Benchmarks")
     by = {r[0]: dict(zip(header, r)) for r in rows}
-    assert by["CTPD"]["Pref-MC"] == "**70.00**"  # teachers are higher but excluded
-    assert by["CTPD"]["Arith"] == "**36.67**"
-    assert by["ULD"]["ARC"] == "**31.00**"
-    assert by["teacher pi+"]["Pref-MC"] == "95.00"
+    assert by["CTPD"]["Pref-MC"] == "**70.00** \u00b1 5.00"  # teachers are higher but excluded
+    assert by["CTPD"]["Arith"] == "**36.67** \u00b1 5.00"
+    assert by["ULD"]["ARC"] == "**31.00** \u00b1 5.00"
+    assert by["teacher pi+"]["Pref-MC"] == "95.00 \u00b1 5.00"
     bold = [(r[0], c) for r in rows for c, cell in zip(header, r) if cell.startswith("**")]
     assert len(bold) == len(LABELS) + 1  # one best per column, no ties here
 
@@ -478,3 +513,79 @@ def test_prepare_drops_are_in_the_report(tmp_path):
     table = result["tables"]["Data"]
     assert table[("kept", "count")] == 7 and table[("dropped: malformed_json (lines 5)", "count")] == 1
     assert table[("test pairs", "count")] == 1
+
+
+def test_rates_carry_the_bootstrap_interval_of_their_outcomes(built):
+    kw, _, md = built
+    ci = table_intervals(md, "Preference")
+    for i, (model, label) in enumerate(ROWS.items()):
+        p = _pref(model, i)
+        if model == NO_OUTCOMES:
+            assert (label, "pref acc") not in ci and (label, "logp acc") not in ci
+            continue
+        expected = tuple(round(v * 100, 2) for v in bootstrap_ci([r["outcome"] for r in p["per_pair"]]))
+        assert ci[(label, "pref acc")] == expected
+        assert ci[(label, "pref acc")][0] <= round(p["accuracy"] * 100, 2) <= ci[(label, "pref acc")][1]
+        logp = tuple(round(v * 100, 2) for v in bootstrap_ci([r["logp_outcome"] for r in p["per_pair"]]))
+        assert ci[(label, "logp acc")] == logp
+    assert ci[("student (SFT)", "pref acc")] == (50.0, 50.0)  # all ties
+    for model in REWARDS:
+        expected = tuple(round(v * 100, 2) for v in bootstrap_ci(_reward_outcomes(model)))
+        assert ci[(ROWS[model], "win rate")] == expected
+    assert ("CTPD", "margin") not in ci and ("CTPD", "pairs") not in ci
+    assert "95% percentile bootstrap interval over the test pairs" in md
+
+
+def test_benchmark_scores_carry_lm_evals_standard_error(built):
+    _, _, md = built
+    header, rows = table_rows(md, "Benchmarks")
+    by = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by["CTPD"]["Pref-MC"] == "**70.00** \u00b1 5.00"  # bold value, then lm-eval's stderr x100
+    assert by["ULD"]["avg"].endswith("\u00b1 3.54\\*")  # sqrt(2 * 5^2) / 2 over its 2 tasks, partial
+    ci = table_intervals(md, "Benchmarks")
+    assert ci[("CTPD", "Arith")] == (36.67 - 5.0, 36.67 + 5.0)
+    avg, se_avg = table_numbers(md)[("CTPD", "avg")], round(np.sqrt(3 * 0.05**2) / 3 * 100, 2)
+    assert se_avg == 2.89 and ci[("CTPD", "avg")] == pytest.approx((avg - se_avg, avg + se_avg))
+    assert "No \u00b1 on" not in md  # every task has a stderr here
+
+
+def test_ctpd_is_tested_paired_against_every_baseline(built):
+    _, result, md = built
+    numbers = table_numbers(md, "CTPD vs")
+    header, rows = table_rows(md, "CTPD vs")
+    assert header == ["CTPD vs", "diff [95% CI]", "p (bootstrap)", "p (sign test)", "n"]
+    assert [r[0] for r in rows] == ["student (SFT): pref acc", "DPO: pref acc", "DPO: win rate"]
+    ctpd_i = list(ROWS).index("student-ctpd")
+    mine = [r["outcome"] for r in _pref("student-ctpd", ctpd_i)["per_pair"]]
+    for model in ("student-sft", "student-dpo"):
+        theirs = [r["outcome"] for r in _pref(model, list(ROWS).index(model))["per_pair"]]
+        c = compare(mine, theirs)
+        row = f"{ROWS[model]}: pref acc"
+        assert numbers[(row, "diff [95% CI]")] == round(c["difference"] * 100, 2)
+        assert table_intervals(md, "CTPD vs")[(row, "diff [95% CI]")] == (
+            round(c["lo"] * 100, 2),
+            round(c["hi"] * 100, 2),
+        )
+        cells = dict(zip(header, next(r for r in rows if r[0] == row)))
+        for column, key in (("p (bootstrap)", "p_value"), ("p (sign test)", "sign_p_value")):
+            assert cells[column] == ("<0.001" if c[key] < 0.001 else f"{c[key]:.3f}")
+        assert numbers[(row, "n")] == 60
+    win = compare(_reward_outcomes("student-ctpd"), _reward_outcomes("student-dpo"))
+    assert numbers[("DPO: win rate", "diff [95% CI]")] == round(win["difference"] * 100, 2)
+    assert "Not compared (no per-item outcomes in its JSON or CTPD's): ULD (pref acc)." in md
+    assert numbers == result["tables"]["Comparisons"]
+
+
+def test_no_outcomes_anywhere_means_no_comparison_table(tmp_path):
+    kw = make_tree(tmp_path)
+    for d in kw["models"].values():
+        for name in ("preference.json", "reward.json"):
+            if (d / name).exists():
+                data = json.loads((d / name).read_text())
+                data.pop("per_pair", None), data.pop("per_prompt", None)
+                (d / name).write_text(json.dumps(data))
+    result = build_report(**kw)
+    md = kw["out_md"].read_text()
+    assert "No paired comparison: no two evaluation files keep per-item outcomes" in md
+    assert table_intervals(md, "Preference") == {} and result["tables"]["Comparisons"] == {}
+    assert table_numbers(md, "Preference")[("CTPD", "pref acc")] == round(_pref("student-ctpd", 4)["accuracy"] * 100, 2)

@@ -139,6 +139,10 @@ def test_win_rate():
     assert r["win_rate"] == pytest.approx(2.5 / 4)
     assert r["mean_score"] == pytest.approx(6.5 / 4) and r["baseline_mean_score"] == pytest.approx(1.5)
     assert reward.win_rate([1.0, 1.0], [1.0, 1.0])["win_rate"] == 0.5
+    assert reward.win_rate([1.0, 1.0], [1.0, 1.0])["win_rate_ci"] == [0.5, 0.5]
+    assert reward.outcomes([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.0]) == [1.0, 0.5, 0.0, 1.0]
+    lo, hi = r["win_rate_ci"]
+    assert 0.0 <= lo < r["win_rate"] < hi <= 1.0
     assert reward.win_rate([0.0], [-1.0])["win_rate"] == 1.0
     with pytest.raises(PrefkdError, match="must match"):
         reward.win_rate([1.0, 2.0], [1.0])
@@ -182,10 +186,15 @@ def test_cli_end_to_end(setup, capsys):
     assert reward.run_winrate(_winrate_args(model_out, base_out, out)) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"model", "baseline", "judge", "prompts", "mean_score", "baseline_mean_score", "win_rate",
-                           "wins", "ties", "losses"}  # fmt: skip
+                           "win_rate_ci", "wins", "ties", "losses", "per_prompt"}  # fmt: skip
     base = [json.loads(line)["score"] for line in base_out.read_text().splitlines()]
+    per_prompt = report.pop("per_prompt")
     assert report == {"model": "student-ctpd", "baseline": "student-sft", "judge": "implicit:teacher-pos/teacher-neg",
                       **reward.win_rate([r["score"] for r in rows], base)}  # fmt: skip
+    assert [(p["pair_id"], p["score"], p["baseline_score"]) for p in per_prompt] == [
+        (r["pair_id"], r["score"], b) for r, b in zip(rows, base)
+    ]
+    assert sum(p["outcome"] for p in per_prompt) / len(per_prompt) == pytest.approx(report["win_rate"])
     assert reward.run_winrate(_winrate_args(model_out, model_out, root / "self.json")) == 0
     assert json.loads((root / "self.json").read_text())["win_rate"] == 0.5
 
