@@ -21,6 +21,9 @@ from prefkd.core.layout import chosen_rejected
 # by another job, and the same model scored again differs by float noise (1e-8 to 1e-4 nats per pair in float32).
 # The same tolerance as the held-out evaluation's (prefkd.evaluation.preference.TIE_NATS).
 TIE_NATS = 1e-3
+# A pair whose loss gradient factor sigmoid(-beta * margin) is above this is saturated: the loss pushes it at full
+# strength whatever its margin, so the objective acts as a fixed weighted push (issue 12's diagnostic).
+SATURATED_FACTOR = 0.99
 
 
 @dataclass
@@ -40,6 +43,7 @@ class PreferenceOutput:
     reward_chosen: torch.Tensor  # [B] beta * margin_w
     reward_rejected: torch.Tensor  # [B] beta * margin_l
     logratio: torch.Tensor  # [B] margin_w - margin_l (nats, unscaled)
+    mean_weight: tuple[float, float] = (1.0, 1.0)  # mean unit weight of the chosen and the rejected responses
 
     def metrics(self) -> dict[str, float]:
         """Mean loss, rewards and margin; ``rewards/accuracy``: the share of pairs the chosen response wins, a tie
@@ -51,6 +55,11 @@ class PreferenceOutput:
             "rewards/rejected": float(self.reward_rejected.mean()),
             "rewards/margin": float(margin.mean()),
             "rewards/accuracy": float((self.logratio > TIE_NATS).float().mean()),
+            # diagnostics of the objective: beta * margin, the share of saturated pairs, the weights' scale
+            "objective/beta_margin": float(margin.mean()),
+            "objective/saturated": float((torch.sigmoid(-margin) > SATURATED_FACTOR).float().mean()),
+            "weights/chosen": self.mean_weight[0],
+            "weights/rejected": self.mean_weight[1],
         }
 
 
@@ -76,4 +85,12 @@ def preference_loss(units: PairUnits, beta: float) -> PreferenceOutput:
         reward_chosen=(beta * m_w).detach(),
         reward_rejected=(beta * m_l).detach(),
         logratio=(m_w - m_l).detach(),
+        mean_weight=_mean_weights(units),
     )
+
+
+def _mean_weights(units: PairUnits) -> tuple[float, float]:
+    """The mean weight of a real unit of the chosen and of the rejected responses."""
+    w_w, w_l = chosen_rejected(units.weights.detach() * units.mask)  # [B, M], [B, M]
+    n_w, n_l = chosen_rejected(units.mask)  # [B, M], [B, M]
+    return float(w_w.sum() / n_w.sum().clamp(min=1)), float(w_l.sum() / n_l.sum().clamp(min=1))

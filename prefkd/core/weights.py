@@ -14,6 +14,7 @@ AGGREGATIONS = ("sum", "mean")
 # what a unit's delta contrasts: two models on the same response (l_pos - l_neg: CTPD, TIS-DPO), or one model on
 # the two responses, spans paired by index (l(p_i^chosen) - l(p_i^rejected): CTPD-Lite)
 CONTRASTS = ("models", "sides")
+NORMALIZATIONS = ("none", "mean")  # signals.normalize: scale each response's weights to mean 1 or not
 WEIGHT_BINS = np.round(np.linspace(0.0, 5.0, 26), 2)  # histogram edges; values above 5 land in the last bin
 # |exponent| of the unclamped ``identity`` transform: exp(80) ~ 5.5e34 stays far inside float32 (max ~3.4e38)
 MAX_EXPONENT = 80.0
@@ -33,10 +34,13 @@ class WeightSpec:
     scale_max: float = 1.3
     eos_weight: float | None = None  # the EOS unit's weight (TIS-DPO: 0); None: the transform weighs it like any unit
     contrast: str = "models"  # see CONTRASTS
+    normalize: str = "none"  # see NORMALIZATIONS
 
     def __post_init__(self):
         if self.contrast not in CONTRASTS:
             raise PrefkdError(f"the weight contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}.")
+        if self.normalize not in NORMALIZATIONS:
+            raise PrefkdError(f"weight normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}.")
         if self.transform not in TRANSFORMS:
             raise PrefkdError(f"weight transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}.")
         if self.aggregation not in AGGREGATIONS:
@@ -67,6 +71,15 @@ def _rank(score: np.ndarray, low: float, high: float) -> np.ndarray:
     ranks = np.empty(len(score))
     ranks[np.argsort(score, kind="stable")] = np.arange(len(score))
     return low + (high - low) * ranks / (len(score) - 1)
+
+
+def normalize_weights(w: np.ndarray, how: str) -> np.ndarray:
+    """``mean``: scale one response's weights to mean 1 (k = M / sum w), so the weights reorder the response's
+    units without changing the scale of its margin; ``none``: as they are. All-zero weights stay zero."""
+    total = float(np.sum(w, dtype=np.float64))
+    if how == "none" or total <= 0:
+        return w
+    return (w * (len(w) / total)).astype(w.dtype)
 
 
 def transform_weights(

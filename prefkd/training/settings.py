@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from prefkd.core.layout import ROLES, UNITS
 from prefkd.core.settings import setting
-from prefkd.core.weights import AGGREGATIONS, CONTRASTS, TRANSFORMS, WeightSpec
+from prefkd.core.weights import AGGREGATIONS, CONTRASTS, NORMALIZATIONS, TRANSFORMS, WeightSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -122,6 +122,12 @@ class SignalSettings:
     eos_weight: float | None = setting(
         None, "weight of the EOS unit (TIS-DPO's code: 0); unset: the transform weighs it like any unit"
     )
+    normalize: str = setting(
+        "none",
+        "mean: scale each response's weights to mean 1 (k = M / sum w)",
+        choices=NORMALIZATIONS,
+        config="signals.normalize",
+    )
     contrast: str = setting(
         "models",
         "models: delta = l_pos - l_neg on each response; sides (CTPD-Lite): delta = l_ref(chosen span i) -"
@@ -143,6 +149,7 @@ class SignalSettings:
             self.seed,
             eos_weight=self.eos_weight,
             contrast=self.contrast,
+            normalize=self.normalize,
         )
 
     def roles(self) -> dict[str, str]:

@@ -50,7 +50,13 @@ from prefkd.assets.models import load_model, pick_device
 from prefkd.assets.tokenizers import load_tokenizer, pad_id
 from prefkd.core.layout import SIDES
 from prefkd.core.logprobs import model_token_logps, span_logps
-from prefkd.core.weights import WEIGHT_BINS, WeightSpec, side_contrast_weights, transform_weights
+from prefkd.core.weights import (
+    WEIGHT_BINS,
+    WeightSpec,
+    normalize_weights,
+    side_contrast_weights,
+    transform_weights,
+)
 from prefkd.data.batches import collate_pairs, unit_ids
 from prefkd.errors import PrefkdError
 from prefkd.io.files import group_items, write_json
@@ -108,6 +114,7 @@ def _side_values(row, side, d, ref_lp, ref_n, unit, spec, w=None) -> dict:
     mu = 1.0 if side == "chosen" else -1.0
     if w is None:
         w = transform_weights(d, mu, spec, row["pair_id"], side, eos=not row[f"{side}_truncated"])
+    w = normalize_weights(w, spec.normalize)
     stored_w, ref = w.astype(np.float64), ref_lp
     if spec.aggregation == "mean":
         ref = ref_lp / np.maximum(ref_n, 1)  # the reference's per-token mean of every unit

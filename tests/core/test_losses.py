@@ -497,3 +497,25 @@ def test_reward_accuracy_counts_float_noise_ties_as_trl_does():
     # real margins still count: pair 0 wins by 0.01 nats, pair 1 loses by 0.01
     real = torch.tensor([[0.01, 0.0], [0.0, 0.0], [0.0, 0.0], [0.01, 0.0]])
     assert preference_loss(PairUnits(ref + real, ref, ones, ones), beta=0.1).metrics()["rewards/accuracy"] == 0.5
+
+
+def test_preference_metrics_report_the_objectives_saturation_and_weight_scale():
+    """Issue 12: per step, the mean beta * margin, the share of pairs whose gradient factor sigmoid(-beta margin)
+    is above 0.99, and the mean weight of each side (real units only)."""
+    from prefkd.core.preference import PairUnits, preference_loss
+
+    # two pairs, two units each: margins by hand (reference 0): chosen - rejected
+    policy = torch.tensor(
+        [[-1.0, -1.0], [-2.0, 0.0], [-1.0, -1.0], [-50.0, 0.0]]
+    )  # [2B, M]: chosen rows, then rejected
+    weights = torch.tensor([[2.0, 1.0], [1.0, 9.0], [0.5, 0.5], [1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # pair 1's chosen has one real unit
+    out = preference_loss(PairUnits(policy, torch.zeros_like(policy), weights, mask), beta=0.5)
+    m = out.metrics()
+    # margins: chosen (-3, -2), rejected (-1, -50); beta * (chosen - rejected) = (-1.0, 24.0)
+    assert m["objective/beta_margin"] == pytest.approx((-1.0 + 24.0) / 2)
+    assert m["objective/saturated"] == 0.0  # sigmoid(1.0) = 0.73, sigmoid(-24) ~ 0
+    big = preference_loss(PairUnits(policy * 10, torch.zeros_like(policy), weights, mask), beta=0.5).metrics()
+    assert big["objective/saturated"] == 0.5  # beta * margin = -10: factor sigmoid(10) > 0.99
+    assert m["weights/chosen"] == pytest.approx((2 + 1 + 1) / 3)  # the padded unit's 9 is not counted
+    assert m["weights/rejected"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)

@@ -473,3 +473,22 @@ def test_ctpd_lite_plan_needs_only_the_teacher_sft():
     assert "ctpd" in signal_plan(["ctpd", "ctpd-lite"]) and "ctpd" in signal_plan(["sft", "dpo"])
     assert signal_plan(["ctpd-lite"], reference="pos")["ctpd-lite"].ref == ("teacher-sft", "teacher")
     assert METHODS["ctpd-lite"].weights == "ctpd-lite" and METHODS["ctpd-lite"].unit == "span"
+
+
+def test_normalize_mean_scales_each_responses_weights_to_mean_one(shard, tmp_path):
+    """signals.normalize: mean sets k = M / sum w per response (mean weight 1); none keeps the paper's weights."""
+    from prefkd.core.weights import normalize_weights
+
+    w = np.array([2.0, 1.0, 1.0], dtype=np.float32)
+    np.testing.assert_allclose(normalize_weights(w, "mean"), [1.5, 0.75, 0.75])  # 3 / 4 * w
+    assert normalize_weights(w, "none") is w
+    assert np.all(normalize_weights(np.zeros(3, dtype=np.float32), "mean") == 0)
+    with pytest.raises(PrefkdError, match="normalize"):
+        WeightSpec(normalize="max")
+    out = tmp_path / "train" / "shard.arrow"
+    run_shard(shard["tokens"], out, "teacher", "span", str(shard["pos"]), str(shard["pos"]), str(shard["neg"]),
+              WeightSpec(normalize="mean"))  # fmt: skip
+    table = read_shard(out, "signals")
+    for side in ("chosen", "rejected"):
+        for weights in table.column(f"{side}_weights").to_pylist():
+            assert np.mean(weights) == pytest.approx(1.0, rel=1e-5)
