@@ -107,6 +107,31 @@ def plot_reward_accuracy(metrics: dict[str, list[dict]]) -> bytes | None:
     return png_bytes(fig)
 
 
+OBJECTIVE_KEYS = ("objective/beta_margin", "objective/saturated")
+
+
+def plot_objective(metrics: dict[str, list[dict]]) -> bytes | None:
+    """Per preference run, against step (running means): the mean beta * margin and the share of pairs whose loss
+    gradient factor is saturated (above 0.99: the loss pushes them at full strength whatever their margin)."""
+    runs = {n: [r for r in rows if all(is_number(r.get(k)) for k in OBJECTIVE_KEYS)] for n, rows in metrics.items()}
+    runs = {n: rows for n, rows in runs.items() if rows}
+    if not runs:
+        return None
+    fig, axes = figure(1, 2, size=(10.0, 3.6))
+    for i, (n, rows) in enumerate(runs.items()):
+        for ax, key in zip(axes, OBJECTIVE_KEYS):
+            values = _running_mean([r[key] for r in rows], SMOOTH_WINDOW)
+            ax.plot([r["step"] for r in rows], values, label=n, color=f"C{i % 10}", linewidth=1)
+    axes[0].set_ylabel(f"beta * margin (running mean of {SMOOTH_WINDOW})")
+    axes[1].set_ylabel("share of saturated pairs")
+    axes[1].set_ylim(-0.02, 1.02)
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].set_title("Preference objective")
+    axes[0].legend(fontsize=7)
+    return png_bytes(fig)
+
+
 def plot_weight_histograms(weights: dict) -> bytes | None:
     """Per signal set: the chosen and rejected unit-weight histograms (last bin includes larger values)."""
     sets = {

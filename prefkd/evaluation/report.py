@@ -32,6 +32,7 @@ from prefkd.errors import PrefkdError
 from prefkd.evaluation.plots import (
     is_number,
     plot_benchmarks,
+    plot_objective,
     plot_reward_accuracy,
     plot_span_sizes,
     plot_training,
@@ -55,7 +56,7 @@ PAPER_ABLATION_AVG = {
 PAPER_AVG_COLUMN = "paper avg (14B->8B)"
 TEACHER_REFERENCE_METHODS = teacher_reference_methods()
 SPLIT_ORDER = ("all", "train", "valid", "test")
-PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
+PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "objective", "weight_histograms", "span_sizes")
 TAIL_STEPS = 10  # the "final" reward accuracy / margin is the mean of the last TAIL_STEPS steps
 CTPD = "student-ctpd"  # the method the "CTPD vs baselines" section compares with every other student
 PM = "\u00b1"  # value ± standard error
@@ -671,6 +672,7 @@ def _training_section(runs: dict[str, Path], metrics: dict[str, list[dict]], plo
         lines += [f"No metrics.jsonl for {', '.join(missing)}: those runs have no numbers or curves.", ""]
     lines += _link(plots, "training_curves", "Training curves", "no run has a metrics.jsonl")
     lines += _link(plots, "reward_accuracy", "Reward accuracy", "no run logged rewards/accuracy")
+    lines += _link(plots, "objective", "Preference objective (beta * margin, saturated pairs)", "no run logged them")
     return lines, table
 
 
@@ -685,6 +687,7 @@ def _images(rows: list[dict], labels: list[str], metrics: dict, weight_stats: di
         "benchmarks": plot_benchmarks(rows, labels),
         "training_curves": plot_training(metrics),
         "reward_accuracy": plot_reward_accuracy(metrics),
+        "objective": plot_objective(metrics),
         "weight_histograms": plot_weight_histograms(weight_stats) if weight_stats else None,
         "span_sizes": plot_span_sizes(align),
     }

@@ -25,7 +25,7 @@ from prefkd.evaluation.report import (
 from prefkd.evaluation.stats import bootstrap_ci, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "weight_histograms", "span_sizes")
+PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "objective", "weight_histograms", "span_sizes")
 SUITES = {
     # suite -> task -> label in the suite's order (not alphabetical on purpose: settings.tasks gives the order)
     "demo": {"pref_mc": "Pref-MC", "arith": "Arith"},
@@ -205,6 +205,8 @@ def _metrics(kind: str, steps: int = 30) -> str:
                     "rewards/margin": 0.1 * s,
                     "rewards/chosen": 0.0,
                     "rewards/rejected": -0.1 * s,
+                    "objective/beta_margin": 0.1 * s,
+                    "objective/saturated": float(s < 5),
                 }
             )
         if kind == "kd":
