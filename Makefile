@@ -30,8 +30,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	. $(BIN)/activate && snakemake --cores $(CORES) && snakemake --report results/demo/report.html
 
+# Two pytest workers, whole files each (module fixtures are built once); the longest files start first
+# (tests/conftest.py orders them). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS  ?= 2
+
 test: $(STAMP)
-	. $(BIN)/activate && python -m pytest $(PYTEST_ARGS)
+	. $(BIN)/activate && python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 LINT_PATHS    := prefkd tests benchmarks
 

@@ -26,6 +26,24 @@ from prefkd.data.tokenize_align import ModelTokens, tokenize_pairs
 from prefkd.io.shards import write_shard
 from prefkd.training.signals import run_shard
 
+# The longest test files, longest first: with `make test`'s two workers (whole files each, in collection order)
+# they start at once instead of queueing behind the short ones.
+LONGEST_FIRST = (
+    "tests/workflow/test_pipeline.py",
+    "tests/workflow/test_slurm.py",
+    "tests/workflow/test_workflow.py",
+    "tests/training/test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file and among the other files is kept
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
 TOKENIZER_CACHE = REPO_ROOT / ".cache" / "test-tokenizers"

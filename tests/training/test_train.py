@@ -191,7 +191,10 @@ def _launch(config, setup, name, extra=(), timeout=600):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_single_cpu_process(setup):
+def test_the_zero2_config_launches_and_trains_on_a_machine_without_gpus(setup):
+    """accelerate (1.15) runs a DeepSpeed config on a machine without an accelerator as one plain process (its
+    DeepSpeed plugin is not used), so this checks that the config launches and trains on a laptop, not DeepSpeed
+    itself, which needs a GPU: benchmarks/gpu.py runs a ZeRO-3 and an FSDP step there."""
     _launch("zero2.yaml", setup, "zero2", extra=("--num_processes", "1", "--mixed_precision", "no"))
     rows = metrics(setup["root"] / "zero2")
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
