@@ -4,8 +4,10 @@ for models whose logits are not ``head(hidden)``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from prefkd.core.logprobs import model_token_logps, token_logps
@@ -26,7 +28,15 @@ def _count_forwards(model):
     return calls
 
 
-def test_bf16_autocast_takes_the_chunked_head_with_one_forward():
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: start from none and leave none (other tests build theirs)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_takes_the_chunked_head_with_one_forward(fresh_accelerate_state):
     model = _tiny()
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     wrapped = accelerator.prepare(model)

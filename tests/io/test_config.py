@@ -354,7 +354,7 @@ def _set(config: dict, dotted: str, value) -> dict:
 
 
 LATE_ERRORS = {
-    "unknown builtin model": ("teacher.model", "builtin:tiny-llama", "builtin:tiny-llama"),
+    "unknown builtin model": ("teacher.model", "builtin:tiny-gpt9", "builtin:tiny-gpt9"),
     "unknown builtin tokenizer": ("student.tokenizer", "builtin:qwen9", "builtin:qwen9"),
     "uncached hub model offline": ("teacher.model", "nobody/no-such-model-7b", "nobody/no-such-model-7b"),
     "uncached hub tokenizer offline": ("student.tokenizer", "nobody/no-such-tokenizer", "nobody/no-such-tokenizer"),

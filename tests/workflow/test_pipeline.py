@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_workflow import REPO, SHARED, TEST_CONFIGS, Project, job_counts, nothing_to_do
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # its run shares 2 cores with the other worker
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # its run shares 2 cores with the other worker
 
 PIPELINE_CONFIG = yaml.safe_load((TEST_CONFIGS / "config-pipeline.yaml").read_text(encoding="utf-8"))
 MODELS = ["teacher-sft", "teacher-pos", "student-sft", "student-dpo", "student-ctpd"]
