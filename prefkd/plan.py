@@ -63,7 +63,7 @@ from prefkd.core.settings import setting
 from prefkd.errors import PrefkdError
 from prefkd.evaluation.settings import IMPLICIT
 from prefkd.io.config import REPO_ROOT, load_config
-from prefkd.launch import accelerate_settings, process_count
+from prefkd.launch import STAGE_KINDS, accelerate_settings, process_count
 from prefkd.preflight import accelerate_config_path
 
 GB = 1e9
@@ -84,16 +84,6 @@ SHIPPED_ACCELERATE = {
     "fsdp": ("fsdp", "bf16"),
 }
 
-# Defaults of the `resources` block (the CPU demo's), for a config dict that does not have it yet.
-DEFAULT_RESOURCES = {
-    "data": {"gpus": 0, "cpus": 1, "nodes": 1, "mem_mb": 4000, "runtime": 60},
-    "teacher": {"gpus": 0, "cpus": 2, "nodes": 1, "mem_mb": 16000, "runtime": 600, "accelerate": "single"},
-    "student": {"gpus": 0, "cpus": 2, "nodes": 1, "mem_mb": 16000, "runtime": 600, "accelerate": "single"},
-    "signals": {"gpus": 0, "cpus": 2, "nodes": 1, "mem_mb": 16000, "runtime": 120, "jobs": 1},
-    "lm_eval": {"gpus": 0, "cpus": 2, "nodes": 1, "mem_mb": 16000, "runtime": 240},
-    "generate": {"gpus": 0, "cpus": 2, "nodes": 1, "mem_mb": 16000, "runtime": 240},
-}
-STAGE_KINDS = tuple(DEFAULT_RESOURCES)
 # Workflow rules and their stage kinds (sft and dpo take their role's: teacher or student).
 RULE_KINDS = {
     **dict.fromkeys(
@@ -447,15 +437,13 @@ def inference_memory(c: InferenceCase) -> dict[str, int]:
 
 
 def stage_resources(config: dict, kind: str) -> dict:
-    """The ``resources.<kind>`` block of a config, the defaults filled in where it (or the block) is absent."""
-    given = (config.get("resources") or {}).get(kind) or {}
-    return {**DEFAULT_RESOURCES[kind], "processes": None, **given}
+    """The ``resources.<kind>`` block of a validated config (the schema fills its defaults)."""
+    return config["resources"][kind]
 
 
 def gpu_settings(config: dict) -> tuple[float, float]:
     """(memory of one GPU in GB, its peak bf16 TFLOP/s) from the config's resources."""
-    res = config.get("resources") or {}
-    return float(res.get("gpu_memory_gb", 80)), float(res.get("gpu_tflops", 989))
+    return float(config["resources"]["gpu_memory_gb"]), float(config["resources"]["gpu_tflops"])
 
 
 def job_gpus(res: dict) -> int:
