@@ -76,6 +76,12 @@ COMMANDS = {
         "run",
         "per-unit weights and reference log-probs of one token shard",
     ),
+    "select-lr": (
+        "prefkd.training.grid",
+        "GridSettings",
+        "run",
+        "pick a method's learning rate from its search runs' valid-split accuracy",
+    ),
     "weights-stats": (
         "prefkd.training.signals",
         "WeightsStatsSettings",
@@ -123,6 +129,12 @@ COMMANDS = {
         "ReportSettings",
         "run",
         "write report.md and its plots from the evaluation JSONs",
+    ),
+    "cost": (
+        "prefkd.cost",
+        "CostSettings",
+        "run",
+        "wall time, processes and estimated FLOPs per stage, and each student run's cost end to end",
     ),
     "plan": (
         "prefkd.plan",

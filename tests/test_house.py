@@ -18,7 +18,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prefkd"
-CHAIN = ("errors", "core", "io", "assets", "data", "training", "evaluation", "launch", "preflight", "plan", "cli")
+CHAIN = (
+    "errors",
+    "core",
+    "io",
+    "assets",
+    "data",
+    "training",
+    "evaluation",
+    "launch",
+    "preflight",
+    "plan",
+    "cost",
+    "cli",
+)
 MAX_FUNCTION_LINES = 80
 LONG_REASON = "Longer than 80 lines because"
 

@@ -39,7 +39,15 @@ from prefkd.evaluation.plots import (
     plot_weight_histograms,
 )
 from prefkd.evaluation.settings import ReportSettings
-from prefkd.evaluation.stats import LEVEL, RESAMPLES, bootstrap_ci, compare, paired_outcomes
+from prefkd.evaluation.stats import (
+    LEVEL,
+    RESAMPLES,
+    bootstrap_ci,
+    compare,
+    mean_sd,
+    paired_outcomes,
+    seed_mean_outcomes,
+)
 from prefkd.io.files import atomic_dir
 
 DASH = "\u2013"  # shown for a missing value
@@ -60,6 +68,7 @@ PLOTS = ("benchmarks", "training_curves", "reward_accuracy", "objective", "weigh
 TAIL_STEPS = 10  # the "final" reward accuracy / margin is the mean of the last TAIL_STEPS steps
 CTPD = "student-ctpd"  # the method the "CTPD vs baselines" section compares with every other student
 PM = "\u00b1"  # value ± standard error
+SEED_RUN = re.compile(r"^(student-.+)-seed(\d+)$")  # a student run of another seed: student-<method>-seed<N>
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +436,7 @@ def _comparison_row(label: str, a: dict[int, float] | None, b: dict[int, float] 
     return [label, diff, _p_cell(c["p_value"]), _p_cell(c["sign_p_value"]), str(c["n"])]
 
 
-def _comparison_section(order, prefs, rewards) -> tuple[list[str], dict]:
+def _comparison_section(order, prefs, rewards, seeds: bool = False) -> tuple[list[str], dict]:
     """CTPD minus every other student on held-out preference accuracy (and reward win rate), paired on the
     same items: the difference with its bootstrap interval, two p-values and the number of items."""
     lines = ["## CTPD vs baselines (paired)", ""]
@@ -454,13 +463,159 @@ def _comparison_section(order, prefs, rewards) -> tuple[list[str], dict]:
         f"[lo, hi]: {LEVEL:.0%} paired bootstrap interval ({RESAMPLES} joint resamples of the items); "
         f"p (bootstrap): two-sided, the resampled differences centred on the observed one; p (sign test): exact "
         f"two-sided sign test over the items where the two differ (McNemar's exact test for 0/1 outcomes; exact, "
-        f"so it also holds at small n). No correction for the number of comparisons.",
+        f"so it also holds at small n). No correction for the number of comparisons."
+        + (" With several seeds, each item's outcome is its mean over the method's seeds." if seeds else ""),
         "",
     ]
     lines += _md_table(header, body) + [""]
     if missing:
         lines += [f"Not compared (no per-item outcomes in its JSON or CTPD's): {', '.join(missing)}.", ""]
     table = {(r[0], h): v for r in body for h, c in zip(header[1:], r[1:]) if (v := _number(c)) is not None}
+    return lines, table
+
+
+def seed_groups(models: list[str]) -> dict[str, list[str]]:
+    """{base model: [base, its runs of other seeds...]}; a -seed<N> run whose base is not there stays its own."""
+    groups: dict[str, list[str]] = {
+        m: [m] for m in models if not (SEED_RUN.match(m) and SEED_RUN.match(m)[1] in models)
+    }
+    for m in models:
+        hit = SEED_RUN.match(m)
+        if hit and hit[1] in models:
+            groups[hit[1]].append(m)
+    return groups
+
+
+def _seed_averaged(groups: dict[str, list[str]], source: dict, key: str) -> dict:
+    """Each group's per-item outcomes averaged over its seeds (items every seed has), as a JSON-like dict."""
+    out = {}
+    for base, members in groups.items():
+        per_seed = [outcomes_of(source.get(m), key) for m in members]
+        if any(s is None for s in per_seed):
+            out[base] = source.get(base) if len(members) == 1 else None
+            continue
+        mean = seed_mean_outcomes(per_seed)
+        out[base] = {key: [{"pair_id": i, "outcome": v} for i, v in mean.items()]}
+    return out
+
+
+def _mean_sd_cell(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return DASH
+    mean, sd = mean_sd(present)
+    text = f"{mean:.2f} {PM} {sd:.2f}"
+    return text if len(present) == len(values) else text + STAR
+
+
+def _seeds_section(groups, prefs, rewards, bench, columns) -> tuple[list[str], dict]:
+    lines = ["## Seeds", ""]
+    multi = {b: ms for b, ms in groups.items() if len(ms) > 1}
+    if not multi:
+        lines += ["One seed per method (set `seeds: [1, 2, 3]` to train every student method once per seed).", ""]
+        return lines, {}
+    labels = [c["label"] for c in columns]
+    header = ["model", "seeds", "pref acc", "win rate"] + labels + ["avg", "pref acc per seed"]
+    body, table = [], {}
+    for base, members in multi.items():
+        acc = [pct(prefs[m].get("accuracy")) if is_number(prefs[m].get("accuracy")) else None for m in members]
+        win = [pct((rewards.get(m) or {}).get("win_rate")) if is_number((rewards.get(m) or {}).get("win_rate")) else None for m in members]  # fmt: skip
+        cells = [str(len(members)), _mean_sd_cell(acc), _mean_sd_cell(win)]
+        cells += [_mean_sd_cell([bench[m]["values"].get(label) for m in members]) for label in labels]
+        cells.append(_mean_sd_cell([bench[m]["avg"] for m in members]))
+        cells.append(", ".join(_cell(a) for a in acc))
+        label = row_label(base)
+        body.append([label] + cells)
+        table.update({(label, h): v for h, c in zip(header[1:-1], cells[:-1]) if (v := _number(c)) is not None})
+    lines += [
+        f"Every student method trained once per seed (the seed of its data order; teachers, signals and the student "
+        f"SFT are shared, trained once). Cells: mean {PM} sample sd across the seeds (x100); {STAR}: over the seeds "
+        f"that have the number. The tables above show the run of the experiment's seed; the paired comparison "
+        f"averages each item's outcome over the seeds.",
+        "",
+    ]
+    lines += _md_table(header, body) + [""]
+    return lines, table
+
+
+def _read_lr_search(path: Path) -> dict | None:
+    return _optional_json(path, "learning-rate search")
+
+
+def _lr_section(rates: dict[str, str], searches: dict[str, Path]) -> tuple[list[str], dict]:
+    lines = ["## Learning rates", ""]
+    if not rates and not searches:
+        lines += ["No student method trained.", ""]
+        return lines, {}
+    body, table = [], {}
+    for method, rate in rates.items():
+        body.append([row_label(f"student-{method}"), rate, "configured", DASH])
+    for method, path in searches.items():
+        data = _read_lr_search(path) or {}
+        grid = []
+        for c in data.get("candidates", []):
+            acc = pct(c["accuracy"]) if is_number(c.get("accuracy")) else None
+            grid.append(f"{c['lr']:g}: {_cell(acc)}")
+        label = row_label(f"student-{method}")
+        lr = data.get("lr")
+        body.append([label, f"{lr:g}" if is_number(lr) else DASH, "searched (valid split)", "; ".join(grid) or DASH])
+        if is_number(lr):
+            table[(label, "lr")] = float(lr)
+    lines += [
+        "The peak learning rate of each student method: configured (distill.lr, distill.kd_lr or distill.lrs) or "
+        "searched: the method trained at every rate of distill.lr_grid with the experiment's seed and was held out "
+        "on the VALID split (accuracy x100 of its implicit reward against the student SFT); the rate with the "
+        "highest valid accuracy won (ties: lower valid loss, then lower rate), and its run is the method's run.",
+        "",
+    ]
+    lines += _md_table(["model", "lr", "how", "valid acc per rate"], body) + [""]
+    return lines, table
+
+
+FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1.0, "FLOP"))
+
+
+def flop_unit(values: list[float]) -> tuple[float, str]:
+    """The largest unit in which the largest value is at least 1 (one unit for a whole table)."""
+    top = max((v for v in values if is_number(v)), default=0.0)
+    return next(((s, name) for s, name in FLOP_UNITS if top >= s), FLOP_UNITS[-1])
+
+
+def _cost_section(cost: dict | None, order: list[str]) -> tuple[list[str], dict]:
+    lines = ["## Cost", ""]
+    if not cost:
+        lines += ["No cost.json: the run's compute was not accounted (rerun with the cost rule).", ""]
+        return lines, {}
+    methods = cost.get("methods", {})
+    stages = {k: s for k, s in cost.get("stages", {}).items() if s["jobs"]}
+    scale, unit = flop_unit([c["flops"] for c in methods.values()] + [s["flops"] for s in stages.values()])
+    body, table = [], {}
+    for m in order:
+        run = "sft" if m == "student-sft" else m.removeprefix("student-")
+        c = methods.get(run)
+        if not m.startswith("student-") or not c:
+            continue
+        label = row_label(m)
+        vals = [round(c["own_wall_s"], 1), round(c["own_flops"] / scale, 3), round(c["wall_s"], 1), round(c["flops"] / scale, 3)]  # fmt: skip
+        body.append([label, f"{vals[0]:.1f}", f"{vals[1]:.3f}", f"{vals[2]:.1f}", f"{vals[3]:.3f}", ", ".join(c["stages"][1:]) or DASH])  # fmt: skip
+        heads = ("own wall (s)", f"own {unit}", "end-to-end wall (s)", f"end-to-end {unit}")
+        table.update({(label, h): float(v) for h, v in zip(heads, vals)})
+    stage_rows = [
+        [k, str(s["jobs"]), f"{s['wall_s']:.1f}", f"{s['cpu_s']:.1f}", str(s["processes"]), f"{s['flops'] / scale:.3f}"]
+        for k, s in stages.items()
+    ]
+    lines += [
+        "What each student costs: own = its training job (a searched method's: every run of its search); end to "
+        "end = its own plus every stage it needs (data, teacher SFT, contrastive teachers, signal sets, student "
+        "SFT, references), each counted once. Wall: seconds of the jobs (Snakemake's benchmark records; jobs that "
+        f"ran side by side each count in full); {unit}: an estimate, 6 N T for training and 2 N T for scoring and "
+        "frozen KD teachers (N: the parameters a token multiplies with, T: the tokens of the split), attention's "
+        "quadratic term and held-out evaluation left out (prefkd.cost). Evaluation jobs are not a method's cost.",
+        "",
+    ]
+    lines += _md_table(["model", "own wall (s)", f"own {unit}", "end-to-end wall (s)", f"end-to-end {unit}", "stages it needs"], body)  # fmt: skip
+    lines += ["", "Per stage (every job of the run; `other`: evaluation and report jobs):", ""]
+    lines += _md_table(["stage", "jobs", "wall (s)", "CPU (s)", "processes", unit], stage_rows) + [""]
     return lines, table
 
 
@@ -693,6 +848,19 @@ def _images(rows: list[dict], labels: list[str], metrics: dict, weight_stats: di
     }
 
 
+def _preamble(experiment: str) -> list[str]:
+    return [
+        f"# prefkd report: {experiment}",
+        "",
+        f"How to read: benchmark and accuracy numbers are percentages (fractions x100, 2 decimals); "
+        f"{DASH} marks a missing value and {STAR} an average over the values that exist; bold marks the "
+        f"best student per column; [lo, hi] is a 95% bootstrap interval and {PM} a standard error (in the Seeds "
+        f"section: the sd across seeds). Every number comes from the JSON files under results/{experiment}/ "
+        f"(eval/<model>/, stats/, models/, students/).",
+        "",
+    ]
+
+
 def build_report(
     experiment: str,
     models: dict[str, Path],
@@ -703,6 +871,9 @@ def build_report(
     out_md: Path,
     plots_dir: Path,
     filters: Path | None = None,
+    rates: dict[str, str] | None = None,
+    searches: dict[str, Path] | None = None,
+    cost: Path | None = None,
 ) -> dict:
     """Write ``out_md`` and the PNGs under ``plots_dir``; return the numbers put in the tables.
 
@@ -722,29 +893,28 @@ def build_report(
     filter_report = _optional_json(filters, "prepare filter report")
     metrics = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in runs.items()}
 
+    cost_report = _optional_json(cost, "cost report")
     columns = benchmark_columns(scores, suites)
     labels = [c["label"] for c in columns]
     bench = {m: benchmark_row(scores[m], columns) for m in models}
-    main, ablations = order_models(list(models))
+    groups = seed_groups(list(models))  # the tables show each method's run of the experiment's seed
+    main, ablations = order_models(list(groups))
+    seeded = any(len(g) > 1 for g in groups.values())  # paired tests on each item's mean over the seeds
+    mean_prefs, mean_rewards = _seed_averaged(groups, prefs, "per_pair"), _seed_averaged(groups, rewards, "per_prompt")
 
     images = _images([_plot_row(m, bench) for m in main + ablations], labels, metrics, weight_stats, align)
     rel = Path(os.path.relpath(plots_dir, out_md.parent))
     plots = {name: (rel / f"{name}.png").as_posix() if data else None for name, data in images.items()}
 
-    lines = [
-        f"# prefkd report: {experiment}",
-        "",
-        f"How to read: benchmark and accuracy numbers are percentages (fractions x100, 2 decimals); "
-        f"{DASH} marks a missing value and {STAR} an average over the values that exist; bold marks the "
-        f"best student per column; [lo, hi] is a 95% bootstrap interval and {PM} a standard error. Every number "
-        f"comes from the JSON files under results/{experiment}/ (eval/<model>/, stats/, models/, students/).",
-        "",
-    ]
+    lines = _preamble(experiment)
     tables = {}
     for key, (section, table) in {
         "Benchmarks": _benchmark_section(main, bench, columns, suites, plots),
         "Preference": _preference_section(main + ablations, prefs, rewards),
-        "Comparisons": _comparison_section(main + ablations, prefs, rewards),
+        "Comparisons": _comparison_section(main + ablations, mean_prefs, mean_rewards, seeded),
+        "Seeds": _seeds_section(groups, prefs, rewards, bench, columns),
+        "Learning rates": _lr_section(rates or {}, searches or {}),
+        "Cost": _cost_section(cost_report, main + ablations),
         "Ablations": _ablation_section(ablations, bench, prefs, columns),
         "Data": _data_section(filter_report),
         "Alignment": _alignment_section(align, plots),
@@ -875,6 +1045,9 @@ def run(s: ReportSettings) -> int:
         s.out,
         s.plots,
         s.filters,
+        {k: str(v) for k, v in _pairs(s.lr, "--lr").items()},
+        _pairs(s.lr_search, "--lr-search"),
+        s.cost,
     )
     print(json.dumps({"report": str(s.out), "plots": sorted(k for k, v in result["plots"].items() if v)}))
     return 0

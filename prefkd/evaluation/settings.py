@@ -68,6 +68,9 @@ class ReportSettings:
     weights: Path | None = setting(None, "stats/weights.json (optional)")
     filters: Path | None = setting(None, "data/filter_report.json of the prepare stage (optional)")
     run: list[str] = setting([], "training run dirs holding metrics.jsonl, as NAME=DIR items")
+    lr: list[str] = setting([], "each student method's configured learning rate, as METHOD=RATE items")
+    lr_search: list[str] = setting([], "learning-rate searches, as METHOD=selected.json items")
+    cost: Path | None = setting(None, "compute accounting of the run (prefkd cost's cost.json; optional)")
     out: Path = setting(doc="report.md to write")
     plots: Path = setting(doc="folder for the report's PNGs (replaced as a whole)")
 

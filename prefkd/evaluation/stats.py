@@ -104,3 +104,22 @@ def compare(a, b, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 
     """``paired_bootstrap`` of a against b, with the exact sign test's p-value as ``sign_p_value``."""
     out = paired_bootstrap(a, b, resamples, level, seed)
     return {**out, "sign_p_value": sign_test(a, b)["p_value"]}
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value) of per-seed numbers.
+
+    >>> mean_sd([60.0, 64.0])
+    (62.0, 2.8284271247461903)
+    """
+    x = _values(values, "values")
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def seed_mean_outcomes(per_seed: list[dict]) -> dict:
+    """{item id: mean outcome over the seeds} on the items every seed has (several seeds of one method, for
+    paired tests between methods that average out the seed's noise as well as the items')."""
+    if not per_seed:
+        return {}
+    ids = [k for k in per_seed[0] if all(k in s for s in per_seed[1:])]
+    return {k: sum(s[k] for s in per_seed) / len(per_seed) for k in ids}

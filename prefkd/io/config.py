@@ -137,6 +137,17 @@ def _check_relations(config: dict) -> None:
         raise PrefkdError(
             "config keys 'data.valid_fraction' + 'data.test_fraction' must leave rows for training (sum < 1)."
         )
+    if config["seeds"] is not None and config["seed"] not in config["seeds"]:
+        raise PrefkdError(
+            f"config key 'seeds' must hold the experiment's seed ({config['seed']}): its runs are the students that "
+            f"every single-seed number refers to; got {config['seeds']}."
+        )
+    unknown = sorted(set(config["distill"]["lrs"]) - set(config["distill"]["methods"]) - {"all"})
+    if unknown and "all" not in config["distill"]["methods"]:
+        raise PrefkdError(
+            f"config key 'distill.lrs' names {', '.join(unknown)}, which distill.methods does not train; "
+            f"add it to distill.methods or drop its learning rate."
+        )
     sig = config["signals"]
     if sig["lower"] > sig["upper"]:
         raise PrefkdError(

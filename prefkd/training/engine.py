@@ -32,6 +32,7 @@ from prefkd.core.preference import preference_loss
 from prefkd.data.batches import PairTable, collate_pairs, epoch_order
 from prefkd.errors import PrefkdError
 from prefkd.io.files import write_json
+from prefkd.training.grid import read_selected_lr
 from prefkd.training.runinfo import collect_run_info
 from prefkd.training.settings import TrainSettings
 from prefkd.training.stages import Stage, pair_units, stage_class
@@ -466,6 +467,8 @@ def train(s: TrainSettings) -> dict:
 
 
 def run(s: TrainSettings) -> int:
+    if s.lr_from:  # the rate a learning-rate search chose (prefkd.training.grid)
+        s = dataclasses.replace(s, lr=read_selected_lr(s.lr_from))
     final = train(s)
     print(json.dumps(final, sort_keys=True))
     return 0

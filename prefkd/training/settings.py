@@ -45,6 +45,7 @@ class TrainSettings:
     unit: str = setting("token", "units of the preference loss", choices=UNITS)
     beta: float = setting(0.1, "beta of the preference loss")
     lr: float = setting(1e-5, "peak learning rate")
+    lr_from: str | None = setting(None, "take the peak learning rate from a learning-rate search's selected.json")
     epochs: float = setting(1.0, "passes over the data (a fraction stops part-way)")
     batch_size: int = setting(8, "pairs (or SFT sequences) per device and micro-batch", config="train.batch_size")
     grad_accum: int = setting(1, "micro-batches per optimizer step", config="train.grad_accum")

@@ -591,3 +591,78 @@ def test_no_outcomes_anywhere_means_no_comparison_table(tmp_path):
     assert "No paired comparison: no two evaluation files keep per-item outcomes" in md
     assert table_intervals(md, "Preference") == {} and result["tables"]["Comparisons"] == {}
     assert table_numbers(md, "Preference")[("CTPD", "pref acc")] == round(_pref("student-ctpd", 4)["accuracy"] * 100, 2)
+
+
+def test_seeds_are_grouped_shown_as_mean_and_sd_and_compared_on_seed_means(tmp_path):
+    from prefkd.evaluation.stats import mean_sd, seed_mean_outcomes
+
+    extra = {
+        "student-dpo-seed2": {"pref_mc": 0.6, "arith": 0.31},
+        "student-ctpd-seed2": {"pref_mc": 0.65, "arith": 0.4},
+    }
+    kw = make_tree(tmp_path, extra)
+    index = {m: i for i, m in enumerate({**MODELS, **extra})}
+    build_report(**kw)
+    md = kw["out_md"].read_text()
+    # the main tables show each method's run of the experiment's seed only
+    assert [r[0] for r in table_rows(md, "Preference")[1]] == list(ROWS.values())
+    seeds = table_numbers(md, "Seeds")
+    header, rows = table_rows(md, "Seeds")
+    assert [r[0] for r in rows] == ["DPO", "CTPD"]
+    for base, label in (("student-dpo", "DPO"), ("student-ctpd", "CTPD")):
+        accs = [_pref(m, index[m])["accuracy"] * 100 for m in (base, f"{base}-seed2")]
+        mean, sd = mean_sd(accs)
+        assert seeds[(label, "pref acc")] == round(mean, 2) and seeds[(label, "seeds")] == 2
+        assert table_intervals(md, "Seeds")[(label, "pref acc")] == pytest.approx((mean - sd, mean + sd), abs=0.011)
+        pref_mc = [{**MODELS, **extra}[m]["pref_mc"] * 100 for m in (base, f"{base}-seed2")]
+        assert seeds[(label, "Pref-MC")] == round(mean_sd(pref_mc)[0], 2)
+
+    # CTPD vs DPO on each pair's mean outcome over the two seeds
+    def outcomes(m):
+        return {r["pair_id"]: r["outcome"] for r in _pref(m, index[m])["per_pair"]}
+
+    mine = seed_mean_outcomes([outcomes("student-ctpd"), outcomes("student-ctpd-seed2")])
+    theirs = seed_mean_outcomes([outcomes("student-dpo"), outcomes("student-dpo-seed2")])
+    c = compare(list(mine.values()), [theirs[k] for k in mine])
+    assert table_numbers(md, "CTPD vs")[("DPO: pref acc", "diff [95% CI]")] == round(c["difference"] * 100, 2)
+    assert "each item's outcome is its mean over the method's seeds" in md
+
+
+def test_one_seed_says_how_to_ask_for_more(built):
+    _, _, md = built
+    assert "One seed per method (set `seeds: [1, 2, 3]`" in md
+
+
+def test_learning_rates_and_cost_sections(tmp_path):
+    kw = make_tree(tmp_path)
+    search = _write(
+        tmp_path / "selected.json",
+        {"lr": 0.001, "candidates": [{"lr": 0.0001, "accuracy": 0.5}, {"lr": 0.001, "accuracy": 0.625}]},
+    )
+    stage = {"jobs": 1, "wall_s": 10.0, "cpu_s": 9.0, "max_rss_mb": 1.0, "processes": 1, "flops": 2e15}
+    cost = {
+        "stages": {"sft-student": stage, "student-ctpd": {**stage, "wall_s": 30.0, "flops": 6e15}},
+        "methods": {
+            "sft": {"stage": "sft-student", "stages": ["sft-student"], "own_wall_s": 10.0, "own_flops": 2e15,
+                    "wall_s": 10.0, "cpu_s": 9.0, "flops": 2e15},
+            "ctpd": {"stage": "student-ctpd", "stages": ["student-ctpd", "sft-student"], "own_wall_s": 30.0,
+                     "own_flops": 6e15, "wall_s": 40.0, "cpu_s": 18.0, "flops": 8e15},
+        },
+        "total": {"wall_s": 40.0, "flops": 8e15},
+    }  # fmt: skip
+    result = build_report(
+        **kw, rates={"dpo": "0.0005"}, searches={"ctpd": search}, cost=_write(tmp_path / "c.json", cost)
+    )
+    md = kw["out_md"].read_text()
+    header, rows = table_rows(md, "Learning rates")
+    assert rows == [["DPO", "0.0005", "configured", "\u2013"], ["CTPD", "0.001", "searched (valid split)", "0.0001: 50.00; 0.001: 62.50"]]  # fmt: skip
+    costs = table_numbers(md, "Cost")
+    assert costs[("CTPD", "own wall (s)")] == 30.0 and costs[("CTPD", "end-to-end PFLOP")] == 8.0  # 8e15 FLOPs
+    assert costs[("student (SFT)", "end-to-end wall (s)")] == 10.0
+    assert result["tables"]["Cost"][("CTPD", "own PFLOP")] == 6.0
+    assert "| student-ctpd | 1 | 30.0 | 9.0 | 1 | 6.000 |" in md  # the per-stage table
+
+
+def test_no_cost_file_is_one_sentence(built):
+    _, _, md = built
+    assert "No cost.json: the run's compute was not accounted" in md

@@ -404,3 +404,26 @@ def test_dry_run_accepts_a_cached_hub_model_offline(tmp_path: Path):
     config = _set(base_config(), "teacher.model", "someone/tiny")
     proc = _dry_run(tmp_path, config)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_seeds_must_hold_the_experiment_seed():
+    config = base_config()
+    config["seeds"] = [2, 3]
+    message = error_of(config)
+    assert_one_sentence(message)
+    assert "'seeds' must hold the experiment's seed (1)" in message
+    config["seed"] = 2
+    assert validate_config(config)["seeds"] == [2, 3]
+    assert validate_config(base_config())["seeds"] is None  # one seed: the experiment's
+
+
+def test_per_method_learning_rates_name_trained_methods():
+    config = base_config()
+    config["distill"] = {"methods": ["sft", "dpo"], "lrs": {"ctpd": 1e-4}}
+    message = error_of(config)
+    assert_one_sentence(message)
+    assert "'distill.lrs' names ctpd, which distill.methods does not train" in message
+    config["distill"]["lrs"] = {"dpo": 0}
+    assert error_of(config) == "config key 'distill.lrs.dpo' must be > 0, got 0."
+    config["distill"] = {"methods": ["all"], "lrs": {"ctpd": 1e-4}, "lr_grid": [1e-4, 3e-4]}
+    assert validate_config(config)["distill"]["lr_grid"] == [1e-4, 3e-4]

@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # its run shares 2 c
 
 PIPELINE_CONFIG = yaml.safe_load((TEST_CONFIGS / "config-pipeline.yaml").read_text(encoding="utf-8"))
 MODELS = ["teacher-sft", "teacher-pos", "student-sft", "student-dpo", "student-ctpd"]
-EVAL_RULES = {"eval_task_data", "lm_eval", "preference_eval", "generate_and_score", "reward_winrate", "report", "all"}
-TRAINING_RULES = {"model_init", "sft", "dpo", "dpo_reference", "signals", "distill", "tokenize_align", "prepare"}
+EVAL_RULES = {"eval_task_data", "lm_eval", "preference_eval", "generate_and_score", "reward_winrate", "cost", "report", "all"}  # fmt: skip
+TRAINING_RULES = {"model_init", "sft", "dpo", "dpo_reference", "signals", "distill", "distill_search", "select_lr",
+                  "tokenize_align", "prepare"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +139,18 @@ def test_changing_only_evaluation_settings_never_reruns_training(pipeline: Proje
 @pytest.mark.parametrize(
     "section, key, value, reruns, kept",
     [
-        ("distill", "lr", 1.0e-4, {"distill": 2}, {"sft", "dpo", "signals", "model_init"}),
-        ("signals", "upper", 1.0, {"signals": 3, "distill": 1, "weights_stats": 1}, {"sft", "dpo", "model_init"}),
+        # CTPD's own rate: its two seeds rerun, no other method
+        ("distill", "lrs", {"ctpd": 1.0e-4}, {"distill": 2}, {"sft", "dpo", "signals", "distill_search", "model_init"}),
+        # the clamp of CTPD and CTPD-Lite weights: both sets, CTPD's seeds, CTPD-Lite's search and its seed 2
+        (
+            "signals",
+            "upper",
+            1.0,
+            {"signals": 6, "distill": 3, "distill_search": 2, "select_lr": 1, "weights_stats": 1},
+            {"sft", "dpo", "model_init"},
+        ),
     ],
-    ids=["distill.lr", "signals.upper"],
+    ids=["distill.lrs", "signals.upper"],
 )
 def test_a_training_setting_reruns_its_stage_downstream_only(pipeline: Project, section, key, value, reruns, kept):
     config = copy.deepcopy(PIPELINE_CONFIG)
@@ -182,3 +191,60 @@ def test_a_changed_input_never_resumes_an_old_checkpoint(pipeline: Project):
         assert steps == list(range(1, len(steps) + 1))  # every step trained by this run
     finally:
         pipeline.write_config(PIPELINE_CONFIG)
+
+
+def test_seeds_learning_rates_cost_and_label_noise_reach_the_report(pipeline: Project):
+    """Issue 12: two seeds per method, DPO and CTPD-Lite searched on the valid split, CTPD's rate given, the
+    compute accounting, 10% label noise and the tokenizer-mismatch table, all in the report."""
+    from prefkd.evaluation.report import table_numbers, table_rows
+    from prefkd.evaluation.stats import mean_sd
+
+    res = pipeline.results
+    md = (res / "report.md").read_text(encoding="utf-8")
+    labels = {"dpo": "DPO", "ctpd": "CTPD", "ctpd-lite": "CTPD-Lite"}
+    # seeds: mean +- sd of the two runs' held-out accuracies
+    seeds = table_numbers(md, "Seeds")
+    for method, label in labels.items():
+        accs = [100 * _json(res / "eval" / m / "preference.json")["accuracy"] for m in (f"student-{method}", f"student-{method}-seed2")]  # fmt: skip
+        assert seeds[(label, "pref acc")] == round(mean_sd(accs)[0], 2) and seeds[(label, "seeds")] == 2
+        summary = _json(res / "students" / f"{method}-seed2" / "train_summary.json")
+        assert summary["settings"]["seed"] == 2
+    # the searched methods: the chosen rate's run is students/<method>, and seed 2 trained at that rate
+    _, rows = table_rows(md, "Learning rates")
+    shown = {r[0]: r[1:] for r in rows}
+    assert shown["CTPD"][:2] == ["0.0005", "configured"]
+    for method in ("dpo", "ctpd-lite"):
+        chosen = _json(res / "students-grid" / method / "selected.json")
+        assert chosen["lr"] in (0.0005, 0.002) and len(chosen["candidates"]) == 2
+        assert _json(res / "students" / f"{method}-seed2" / "train_summary.json")["settings"]["lr"] == chosen["lr"]
+        picked = res / "students-grid" / method / f"lr-{chosen['lr']:g}" / "model.safetensors"
+        assert (res / "students" / method / "model.safetensors").read_bytes() == picked.read_bytes()
+        assert shown[labels[method]][:2] == [f"{chosen['lr']:g}", "searched (valid split)"]
+    # cost: every run's own and end-to-end numbers, from the benchmark records and the token shards
+    cost = _json(res / "stats" / "cost.json")
+    table = table_numbers(md, "Cost")
+    for method, label in labels.items():
+        c = cost["methods"][method]
+        assert c["own_wall_s"] > 0 and c["flops"] > c["own_flops"] > 0
+        assert table[(label, "end-to-end wall (s)")] == round(c["wall_s"], 1)
+    assert {"dpo-teacher-pos", "dpo-teacher-neg", "signals-ctpd"} <= set(cost["methods"]["ctpd"]["stages"])
+    assert not {"dpo-teacher-pos", "dpo-teacher-neg"} & set(cost["methods"]["ctpd-lite"]["stages"])
+    assert cost["methods"]["dpo"]["flops"] < cost["methods"]["ctpd"]["flops"]  # CTPD also pays for the teachers
+    assert cost["stages"]["sft-teacher"]["jobs"] == 1 and cost["stages"]["other"]["jobs"] > 0
+    # label noise: the flipped train pairs are counted and reported
+    filters = _json(res / "data" / "filter_report.json")
+    flipped = filters["label_noise"]["flipped"]
+    assert flipped > 0 and str(flipped) in md.split("## Data", 1)[1].split("## ", 1)[0]
+    # the tokenizer-mismatch classes of the aligned spans
+    assert "1:1" in md.split("## Alignment", 1)[1] and "n:m" in md
+
+
+def test_adding_a_seed_trains_only_the_new_runs(pipeline: Project):
+    config = copy.deepcopy(PIPELINE_CONFIG)
+    config["seeds"] = [1, 2, 3]
+    pipeline.write_config(config)
+    try:
+        counts = job_counts(pipeline.dry_run())
+    finally:
+        pipeline.write_config(PIPELINE_CONFIG)
+    assert counts["distill"] == 3 and not {"distill_search", "select_lr", "sft", "dpo", "signals"} & set(counts)

@@ -343,7 +343,17 @@ def test_a_changed_shard_stops_its_reader_with_one_sentence(built: Project):
     assert nothing_to_do(built.dry_run()) or built.run()
 
 
-GPU_RULES = {"sft", "dpo", "distill", "signals", "dpo_reference", "lm_eval", "preference_eval", "generate_and_score"}
+GPU_RULES = {
+    "sft",
+    "dpo",
+    "distill",
+    "distill_search",
+    "signals",
+    "dpo_reference",
+    "lm_eval",
+    "preference_eval",
+    "generate_and_score",
+}
 
 
 def _dry_run_jobs(output: str) -> list[dict]:
@@ -381,11 +391,11 @@ def test_a_gpu_config_asks_for_gpus_on_model_jobs_only_and_launches_one_process_
     for job in jobs:
         gpu = int(job["resources"].get("gpu", 0))
         assert (gpu > 0) == (job["rule"] in GPU_RULES), job
-        if job["rule"] in ("sft", "dpo", "distill"):
+        if job["rule"] in ("sft", "dpo", "distill", "distill_search"):
             n = 4 if "--role teacher" in job["shell"] else 2
             assert gpu == n and f"--num_processes {n} --num_machines 1" in job["shell"], job
             assert int(job["resources"]["cpus_per_task"]) == (16 if n == 4 else 8)
     scoring = [j for j in jobs if j["rule"] == "signals"]
     walked = sorted(re.search(r"--tokens (.*?) --out", j["shell"]).group(1) for j in scoring)
     assert all(len(t.split()) == 1 for t in walked)  # 2 shards over 2 jobs: one each
-    assert len(scoring) == 3 * 2  # the ctpd set (dpo reads dpo_reference shards): 3 splits, 2 jobs each
+    assert len(scoring) == 2 * 3 * 2  # the ctpd and ctpd-lite sets (dpo reads dpo_reference shards): 3 splits, 2 jobs

@@ -30,6 +30,7 @@ from prefkd.io.config import validate_config
 from prefkd.launch import TRAINING_KINDS, launch_prefix as lib_launch_prefix, snakemake_resources
 from prefkd.plan import check_plan
 from prefkd.preflight import accelerate_config_path, check_environment
+from prefkd.training.grid import rate_tag
 from prefkd.training.settings import SignalSettings, TrainSettings
 
 PROJECT_ROOT = Path(workflow.basedir).parent
@@ -266,17 +267,67 @@ def method_extra_inputs(name):
     return [kd_teacher()] if lib_method(name).kd else []
 
 
-def distill_flags(name):
-    """The flags of a student job: a preference loss over the method's signal sets, or a KD stage."""
+# ---------------------------------------------------------------------------
+# Student runs: one per (method, seed); learning rates per method, or searched on the valid split
+# ---------------------------------------------------------------------------
+
+SEED = config["seed"]
+SEEDS = config["seeds"] or [SEED]
+LRS = config["distill"]["lrs"]
+GRID = {rate_tag(lr): lr for lr in config["distill"]["lr_grid"]}  # path tag -> rate
+SEARCHED = [m for m in STUDENT_METHODS if m != "sft" and m not in LRS] if GRID else []
+
+
+def student_run(method, seed):
+    """A run's name (its folder under students/): the method for the experiment's seed, <method>-seed<N> else."""
+    return method if seed == SEED else f"{method}-seed{seed}"
+
+
+STUDENT_RUNS = {student_run(m, s): (m, s) for m in STUDENT_METHODS if m != "sft" for s in SEEDS}
+# runs trained by the distill rule; a searched method's run of the experiment's seed is its search's choice
+TRAINED_RUNS = [r for r, (m, s) in STUDENT_RUNS.items() if not (m in SEARCHED and s == SEED)]
+SEED_RUNS = [r for r, (m, s) in STUDENT_RUNS.items() if s != SEED]
+
+
+def method_lr(name):
+    """A method's configured rate: distill.lrs, else kd_lr (KD baselines) or lr."""
+    if name in LRS:
+        return LRS[name]
+    return config["distill"]["kd_lr"] if lib_method(name).kind == "kd" else config["distill"]["lr"]
+
+
+def grid_dir(method, tag):
+    return f"{R}/students-grid/{method}/lr-{tag}"
+
+
+def grid_selected(method):
+    return f"{R}/students-grid/{method}/selected.json"
+
+
+def run_selected(run):
+    """The selected.json a run takes its rate from (a searched method's other seeds), else nothing."""
+    method, _ = STUDENT_RUNS[run]
+    return [grid_selected(method)] if method in SEARCHED else []
+
+
+def distill_flags(name, seed=None, lr=None):
+    """The flags of a student job: a preference loss over the method's signal sets, or a KD stage. ``lr``: the
+    rate (default: the method's configured one); ``None`` for a searched method, whose rate comes from its
+    selected.json (--lr-from)."""
     m = lib_method(name)
     d = config["distill"]
-    values = dict(role="student")
+    values = dict(role="student", seed=SEED if seed is None else seed)
+    lr = method_lr(name) if lr is None and name not in SEARCHED else lr
+    if lr is None:
+        values["lr_from"] = grid_selected(name)
+    else:
+        values["lr"] = lr
     if m.kd:
         values.update(kd=m.kd, kd_teacher=kd_teacher(), temperature=d["temperature"])
     if m.kind == "kd":
-        values.update(stage="kd", lr=d["kd_lr"], epochs=d["epochs"], kd_weight=d["kappa"])
+        values.update(stage="kd", epochs=d["epochs"], kd_weight=d["kappa"])
     else:
-        values.update(stage="preference", unit=m.unit, beta=d["beta"], lr=d["lr"], epochs=d["epochs"])
+        values.update(stage="preference", unit=m.unit, beta=d["beta"], epochs=d["epochs"])
         values.update(signals=signal_shards(m.weights, "train"))
         if m.reference:
             values.update(ref_signals=signal_shards(m.reference, "train"))
@@ -309,7 +360,7 @@ def _eval_models():
     if pos_model("teacher") != sft_model("teacher") and teacher_pair_needed():
         names.append("teacher-pos")
     names += ["student-sft"] + [f"student-{m}" for m in STUDENT_METHODS if m != "sft"]
-    return names
+    return names + [f"student-{r}" for r in SEED_RUNS]
 
 
 EVAL_MODELS = _eval_models() if EVALUATING else []
@@ -388,9 +439,106 @@ def all_targets():
     targets = [f"{R}/stats/alignment.json"]
     if TRAINING:
         targets += [sft_model("teacher"), sft_model("student"), f"{R}/stats/weights.json"]
-        targets += [f"{R}/students/{m}" for m in STUDENT_METHODS]
+        targets += [f"{R}/students/{m}" for m in STUDENT_METHODS] + [f"{R}/students/{r}" for r in SEED_RUNS]
         if config["contrastive"]["student_pair"]:
             targets += [pos_model("student"), neg_model("student")]
     if EVALUATING:
         targets.append(f"{R}/report.md")
     return targets
+
+
+# ---------------------------------------------------------------------------
+# Compute accounting (prefkd.cost): the stage graph, stated once; every job writes benchmarks/<its log>.tsv
+# ---------------------------------------------------------------------------
+
+SPLIT_RX = "(?P<split>train|valid|test)(-part[0-9]+)?"
+BOTH = ["chosen", "rejected"]
+
+
+def model_stage(key):
+    """The cost stage that produces a model key's model (teacher-sft, student-pos, ...)."""
+    role, _, kind = key.partition("-")
+    if kind == "sft":
+        return f"sft-{role}" if config["sft"][role]["enabled"] else f"init-{role}"
+    if config["contrastive"]["construction"] == "sft":
+        return model_stage(f"{role}-sft") if kind == "pos" else f"sft-rejected-{role}"
+    return f"dpo-{role}-{kind}"
+
+
+def student_run_stage(run, method, seed):
+    """A student run's stage: its own training (a searched method's run of `seed` is its whole search)."""
+    m, d = lib_method(method), config["distill"]
+    sets = [s for s in (m.weights, m.reference) if s]
+    needs = ["data", model_stage("student-sft"), "dpo-ref-student"]
+    needs += [s if s.startswith("dpo-ref-") else f"signals-{s}" for s in sets if s != "dpo-ref-student"]
+    kd_dir = kd_teacher()
+    if m.kd:
+        needs.append(model_stage("teacher-" + ("pos" if d["kd_teacher"] == "pos" else "sft")))
+    searched = method in SEARCHED
+    if searched and seed != SEED:
+        needs.append(f"student-{method}")
+    runs = len(GRID) if searched and seed == SEED else 1
+    out = f"{R}/students/{run}"
+    sides = ["chosen"] if m.kind == "kd" else BOTH
+    flops = [[6, out, "student", sides, d["epochs"] * runs, ["train"]]]
+    if m.kd:
+        flops.append([2, kd_dir, "teacher", ["chosen"], d["epochs"] * runs, ["train"]])
+    if searched and seed == SEED:
+        rx = f"students-grid/{re.escape(method)}-(lr-.*|select)"
+    else:
+        rx = f"students/{re.escape(run)}"
+    return {"match": rx, "runs": [out], "needs": needs, "flops": flops}
+
+
+def cost_plan():
+    """prefkd.cost's plan: what each stage's jobs are, what it needs and its FLOPs terms."""
+    data = "(tokenizer-(teacher|student)|demo_data|prepare|tokenize/.*|alignment_stats|reverse/tokens-.*)"
+    stages = {"data": {"match": data}}
+    for role in ROLES:
+        sft_dir, epochs = sft_model(role), config["sft"][role]["epochs"]
+        stages[f"init-{role}"] = {"match": f"model-init-{role}", "needs": ["data"]}
+        stages[f"sft-{role}"] = {
+            "match": f"sft-{role}",
+            "runs": [sft_dir],
+            "needs": ["data", f"init-{role}"],
+            "flops": [[6, sft_dir, role, ["chosen"], epochs, ["train"]]],
+        }
+        rejected = f"{R}/models/{role}-sft-rejected"
+        stages[f"sft-rejected-{role}"] = {
+            "match": f"sft-rejected-{role}",
+            "runs": [rejected],
+            "needs": ["data", f"init-{role}"],
+            "flops": [[6, rejected, role, ["rejected"], epochs, ["train"]]],
+        }
+        stages[f"dpo-ref-{role}"] = {
+            "match": f"(signals/dpo-ref-{role}-{SPLIT_RX}|reverse/signals/dpo-ref-{role}-.*)",
+            "needs": [model_stage(f"{role}-sft")],
+            "flops": [[2, sft_dir, role, BOTH, 1, None]],
+        }
+        for direction in ("pos", "neg"):
+            out, c = f"{R}/models/{role}-dpo-{direction}", config["contrastive"][direction]
+            stages[f"dpo-{role}-{direction}"] = {
+                "match": f"dpo-{role}-{direction}",
+                "runs": [out],
+                "needs": ["data", model_stage(f"{role}-sft"), f"dpo-ref-{role}"],
+                "flops": [[6, out, role, BOTH, c["epochs"], ["train"]]],
+            }
+    for name in GENERIC_SETS:
+        s = SIGNAL_SETS[name]
+        models = {x for x in (s.ref, s.pos, s.neg) if x}
+        stages[f"signals-{name}"] = {
+            "match": f"signals/{re.escape(name)}-{SPLIT_RX}",
+            "needs": ["data"] + sorted({model_stage(k) for k, _ in models}),
+            "flops": [[2, model_path(k), role, BOTH, 1, None] for k, role in sorted(models)],
+        }
+    runs = {"sft": model_stage("student-sft")}
+    for run, (method, seed) in STUDENT_RUNS.items():
+        stages[f"student-{run}"] = student_run_stage(run, method, seed)
+        runs[run] = f"student-{run}"
+    return {"stages": stages, "methods": runs}
+
+
+def lr_flags():
+    """The report's learning-rate inputs: every method's configured rate, and its search's choice."""
+    rates = [f"{m}={method_lr(m)}" for m in STUDENT_METHODS if m != "sft" and m not in SEARCHED]
+    return {"lr": rates, "lr_search": [f"{m}={grid_selected(m)}" for m in SEARCHED]}

@@ -6,6 +6,8 @@ rule tokenizer:
         directory(f"{R}/tokenizers/{{role}}"),
     log:
         f"{R}/logs/tokenizer-{{role}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenizer-{{role}}.tsv"
     wildcard_constraints:
         role="teacher|student",
     conda:
@@ -26,6 +28,8 @@ rule demo_data:
         f"{R}/raw/demo_pairs.jsonl",
     log:
         f"{R}/logs/demo_data.log",
+    benchmark:
+        f"{R}/benchmarks/demo_data.tsv"
     conda:
         ENV
     threads: stage_threads("data")
@@ -46,6 +50,8 @@ rule prepare:
         report=f"{R}/data/filter_report.json",
     log:
         f"{R}/logs/prepare.log",
+    benchmark:
+        f"{R}/benchmarks/prepare.tsv"
     conda:
         ENV
     threads: stage_threads("data")

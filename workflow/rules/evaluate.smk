@@ -6,6 +6,7 @@
 localrules:
     eval_task_data,
     reward_winrate,
+    cost,
     report,
 
 
@@ -17,6 +18,8 @@ rule eval_task_data:
         directory(f"{R}/eval/tasks"),
     log:
         f"{R}/logs/eval/tasks.log",
+    benchmark:
+        f"{R}/benchmarks/eval/tasks.tsv"
     conda:
         ENV
     threads: stage_threads("data")
@@ -38,6 +41,8 @@ rule lm_eval:
         f"{R}/eval/{{model}}/{{suite}}.json",
     log:
         f"{R}/logs/eval/{{model}}-{{suite}}.log",
+    benchmark:
+        f"{R}/benchmarks/eval/{{model}}-{{suite}}.tsv"
     wildcard_constraints:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
         suite="|".join(re.escape(s) for s in SUITES) or "none",
@@ -68,6 +73,8 @@ rule preference_eval:
         f"{R}/eval/{{model}}/preference.json",
     log:
         f"{R}/logs/eval/{{model}}-preference.log",
+    benchmark:
+        f"{R}/benchmarks/eval/{{model}}-preference.tsv"
     wildcard_constraints:
         model="|".join(re.escape(m) for m in EVAL_MODELS) or "none",
     conda:
@@ -94,6 +101,8 @@ rule generate_and_score:
         f"{R}/eval/{{model}}/generations.jsonl",
     log:
         f"{R}/logs/eval/{{model}}-generations.log",
+    benchmark:
+        f"{R}/benchmarks/eval/{{model}}-generations.tsv"
     wildcard_constraints:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     conda:
@@ -116,6 +125,8 @@ rule reward_winrate:
         f"{R}/eval/{{model}}/reward.json",
     log:
         f"{R}/logs/eval/{{model}}-reward.log",
+    benchmark:
+        f"{R}/benchmarks/eval/{{model}}-reward.tsv"
     wildcard_constraints:
         model="|".join(re.escape(m) for m in STUDENT_EVAL_MODELS) or "none",
     conda:
@@ -131,6 +142,28 @@ rule reward_winrate:
         "prefkd winrate --scores {input.scores} --baseline {input.baseline} --out {output} {params.flags} > {log} 2>&1"
 
 
+rule cost:
+    # Wall time, CPU time, processes and estimated FLOPs per stage, and each student run end to end.
+    input:
+        done=[t for t in all_targets() if not t.endswith("report.md")] + report_inputs(),
+        tokens=[p for split in SPLITS for p in token_shards(split)],
+    output:
+        f"{R}/stats/cost.json",
+    log:
+        f"{R}/logs/cost.log",
+    conda:
+        ENV
+    threads: stage_threads("data")
+    resources:
+        **stage_resources("data"),
+    params:
+        plan=lambda w: json.dumps(cost_plan(), sort_keys=True),
+        benchmarks=f"{R}/benchmarks",
+    shell:
+        "prefkd cost --plan {params.plan:q} --benchmarks {params.benchmarks} --tokens {input.tokens}"
+        " --out {output} > {log} 2>&1"
+
+
 rule report:
     # The paper-style report: tables from the evaluation JSONs, plots as PNG.
     input:
@@ -139,6 +172,8 @@ rule report:
         weights=f"{R}/stats/weights.json",
         filters=f"{R}/data/filter_report.json",
         runs=list(report_runs().values()),
+        cost=f"{R}/stats/cost.json",
+        searches=[grid_selected(m) for m in SEARCHED],
     output:
         md=report(f"{R}/report.md", caption="../report/report_md.rst", category="Report"),
         plots=report(
@@ -149,6 +184,8 @@ rule report:
         ),
     log:
         f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
     conda:
         ENV
     threads: stage_threads("data")
@@ -160,8 +197,10 @@ rule report:
             model=[f"{m}={R}/eval/{m}" for m in EVAL_MODELS],
             suite=SUITES,
             run=[f"{name}={path}" for name, path in report_runs().items()],
+            **lr_flags(),
         ),
     shell:
         "prefkd report --alignment {input.alignment} --weights {input.weights} --filters {input.filters}"
+        " --cost {input.cost}"
         " --out {output.md} --plots {output.plots}"
         " {params.flags} > {log} 2>&1"

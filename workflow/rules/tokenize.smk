@@ -10,6 +10,8 @@ rule tokenize_align:
         f"{R}/tokens/{{split}}/shard-{{scatteritem}}.arrow",
     log:
         f"{R}/logs/tokenize/{{split}}-{{scatteritem}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/{{split}}-{{scatteritem}}.tsv"
     wildcard_constraints:
         split="train|valid|test",
     conda:
@@ -31,6 +33,8 @@ rule alignment_stats:
         f"{R}/stats/alignment.json",
     log:
         f"{R}/logs/alignment_stats.log",
+    benchmark:
+        f"{R}/benchmarks/alignment_stats.tsv"
     conda:
         ENV
     threads: stage_threads("data")

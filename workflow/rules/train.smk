@@ -9,6 +9,8 @@ rule model_init:
         directory(f"{R}/models/{{role}}-init"),
     log:
         f"{R}/logs/model-init-{{role}}.log",
+    benchmark:
+        f"{R}/benchmarks/model-init-{{role}}.tsv"
     wildcard_constraints:
         role="teacher|student",
     conda:
@@ -32,6 +34,8 @@ rule sft:
         directory(f"{R}/models/{{role}}-{{kind}}"),
     log:
         f"{R}/logs/{{kind}}-{{role}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{kind}}-{{role}}.tsv"
     wildcard_constraints:
         role="teacher|student",
         kind="sft|sft-rejected",
@@ -56,6 +60,8 @@ rule reverse:
         [f"{R}/{{prefix}}-reversed/{{split}}/shard-{item}.arrow" for item in ITEMS],
     log:
         f"{R}/logs/reverse/{{prefix}}-{{split}}.log",
+    benchmark:
+        f"{R}/benchmarks/reverse/{{prefix}}-{{split}}.tsv"
     wildcard_constraints:
         prefix="tokens|signals/dpo-ref-(teacher|student)",
         split="train|valid|test",
@@ -84,6 +90,8 @@ for part in range(SIGNAL_JOBS):
             [f"{R}/signals/dpo-ref-{{role}}/{{split}}/shard-{item}.arrow" for item in part_items(part)],
         log:
             f"{R}/logs/signals/dpo-ref-{{role}}-{{split}}{part_suffix(part)}.log",
+        benchmark:
+            f"{R}/benchmarks/signals/dpo-ref-{{role}}-{{split}}{part_suffix(part)}.tsv"
         wildcard_constraints:
             role="teacher|student",
             split="train|valid|test",
@@ -109,6 +117,8 @@ for part in range(SIGNAL_JOBS):
             [f"{R}/signals/{{sigset}}/{{split}}/shard-{item}.arrow" for item in part_items(part)],
         log:
             f"{R}/logs/signals/{{sigset}}-{{split}}{part_suffix(part)}.log",
+        benchmark:
+            f"{R}/benchmarks/signals/{{sigset}}-{{split}}{part_suffix(part)}.tsv"
         wildcard_constraints:
             sigset="|".join(re.escape(n) for n in GENERIC_SETS) or "none",
             split="train|valid|test",
@@ -136,6 +146,8 @@ rule dpo:
         directory(f"{R}/models/{{role}}-dpo-{{direction}}"),
     log:
         f"{R}/logs/dpo-{{role}}-{{direction}}.log",
+    benchmark:
+        f"{R}/benchmarks/dpo-{{role}}-{{direction}}.tsv"
     wildcard_constraints:
         role="teacher|student",
         direction="pos|neg",
@@ -160,6 +172,8 @@ rule weights_stats:
         f"{R}/stats/weights.json",
     log:
         f"{R}/logs/weights-stats.log",
+    benchmark:
+        f"{R}/benchmarks/weights-stats.tsv"
     conda:
         ENV
     threads: stage_threads("data")
