@@ -136,6 +136,12 @@ COMMANDS = {
         "run",
         "wall time, processes and estimated FLOPs per stage, and each student run's cost end to end",
     ),
+    "study": (
+        "prefkd.study",
+        "StudySettings",
+        "run",
+        "one experiment per label-noise level of a config, then results/<experiment>/study.md",
+    ),
     "plan": (
         "prefkd.plan",
         "PlanSettings",

@@ -30,6 +30,7 @@ CHAIN = (
     "preflight",
     "plan",
     "cost",
+    "study",
     "cli",
 )
 MAX_FUNCTION_LINES = 80

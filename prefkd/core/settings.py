@@ -124,13 +124,15 @@ def to_flags(cls, values: dict) -> str:
     """The CLI flags of ``values`` (field -> value) for the stage whose settings are ``cls``, shell-quoted.
 
     A key that is not a field of ``cls`` is an error (a setting must have exactly one place); ``None`` is
-    left out (the option keeps its default)."""
+    left out (the option keeps its default). Flags come in the order of the fields, whatever the order of
+    ``values`` (a config's key order), so Snakemake sees the same params for the same settings."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
     parts: list[str] = []
-    for name, value in values.items():
+    for name in values:
         if name not in fields:
             raise PrefkdError(f"{cls.__name__} has no setting {name!r}; its settings are: {', '.join(fields)}.")
+    for name, value in sorted(values.items(), key=lambda kv: list(fields).index(kv[0])):
         if value is None:
             continue
         flag = option_name(fields[name])

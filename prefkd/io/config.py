@@ -72,6 +72,12 @@ def _sentence(error: jsonschema.ValidationError) -> str:
         return f"config key '{key}' must match the pattern {schema['pattern']}, got {inst!r}."
     if v in ("minLength", "minItems"):
         return f"config key '{key}' must not be empty."
+    if v == "oneOf" and error.context:  # a number or a list of numbers: name what the value's own form breaks
+        closer = [e for e in error.context if e.validator != "type"]
+        if closer:
+            return _sentence(min(closer, key=lambda e: len(e.absolute_path)))
+        forms = [_describe_type(s.get("type")) for s in schema["oneOf"] if s.get("type")]
+        return f"config key '{key}' must be {' or '.join(forms)}, got {inst!r}."
     if v == "not" and "enum" in schema.get("not", {}):
         return f"config key '{key}' must not use the name {inst!r}; reserved names are: {', '.join(schema['not']['enum'])}."
     return f"config key '{key}' is invalid: {error.message}."
@@ -154,6 +160,25 @@ def _check_relations(config: dict) -> None:
             f"config key 'signals.lower' ({sig['lower']}) must not exceed 'signals.upper' ({sig['upper']}): "
             f"they are the clamp [L, U] of the span weights."
         )
+
+
+def noise_levels(config: dict) -> list[float]:
+    """The label-noise levels of a validated config: ``data.label_noise`` as a list (one level: a plain run)."""
+    value = config["data"]["label_noise"]
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
+
+
+def single_level(config: dict, how: str) -> dict:
+    """The config of one experiment: a one-element label-noise list is its level; several levels are a study,
+    which one Snakemake run cannot hold (one sentence says how to run it)."""
+    levels = noise_levels(config)
+    if len(levels) > 1:
+        raise PrefkdError(
+            f"data.label_noise lists {len(levels)} levels, a study axis with one experiment per level: run "
+            f"`prefkd study --configfile {how}`, which runs each level and writes results/{config['experiment']}/study.md."
+        )
+    config["data"]["label_noise"] = levels[0]
+    return config
 
 
 def load_config(path: str | Path, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:

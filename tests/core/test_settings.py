@@ -53,6 +53,14 @@ def test_flags_round_trip_through_the_generated_cli():
     assert _parse(shlex.split(flags)) == Example(name="a b", count=4, ratio=0.25, flag=False, items=["p q", "r"])
 
 
+def test_flags_follow_the_fields_not_the_order_of_the_values():
+    """A config's key order must not change a job's params (Snakemake would rerun it)."""
+    values = {"name": "a", "count": 4, "ratio": 0.25, "flag": True, "items": ["p"]}
+    flags = to_flags(Example, values)
+    assert to_flags(Example, dict(reversed(list(values.items())))) == flags
+    assert flags.index("--name") < flags.index("--count") < flags.index("--items")
+
+
 def test_unknown_setting_is_refused():
     with pytest.raises(PrefkdError, match="has no setting 'batch'"):
         to_flags(Example, {"batch": 1})

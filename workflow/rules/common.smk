@@ -26,7 +26,7 @@ from prefkd.evaluation.settings import (
     ReportSettings,
     WinrateSettings,
 )
-from prefkd.io.config import validate_config
+from prefkd.io.config import single_level, validate_config
 from prefkd.launch import TRAINING_KINDS, launch_prefix as lib_launch_prefix, snakemake_resources
 from prefkd.plan import check_plan
 from prefkd.preflight import accelerate_config_path, check_environment
@@ -37,6 +37,7 @@ PROJECT_ROOT = Path(workflow.basedir).parent
 
 try:
     config = validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    config = single_level(config, "<your config>")  # a list of label-noise levels is `prefkd study`'s
     check_environment(config, PROJECT_ROOT)  # what the config names exists here: found now, not hours later
     # A config sized for GPUs gets `prefkd plan`'s memory check before any job is submitted.
     if any(res["gpus"] for res in config["resources"].values() if isinstance(res, dict)):
