@@ -98,11 +98,14 @@ RULE_KINDS = {
             "student_sft_baseline",
             "model_init",
             "eval_task_data",
+            "select_lr",
+            "cost",
             "report",
         ),
         "data",
     ),
     "distill": "student",
+    "distill_search": "student",
     "signals": "signals",
     "dpo_reference": "signals",
     "lm_eval": "lm_eval",
@@ -485,6 +488,14 @@ def _role_settings(config: dict, role: str) -> tuple[str, bool]:
     return spec.get("dtype", "float32"), spec.get("attn_implementation", "auto") == "eager"
 
 
+def student_runs(config: dict, name: str) -> int:
+    """Training runs of a student method: one per seed, and a searched method's seed `seed` once per rate."""
+    seeds = len(config.get("seeds") or [config["seed"]])
+    d = config["distill"]
+    searched = bool(d.get("lr_grid")) and name not in d.get("lrs", {})
+    return (len(d["lr_grid"]) if searched else 1) + seeds - 1
+
+
 def training_cases(config: dict, role: str, archs: dict, project_root: Path) -> list[TrainingCase]:
     """Every kind of training job of ``role``: its SFT, its contrastive pair, and (student) every method."""
     train, contrastive = config["train"], config["contrastive"]
@@ -516,7 +527,8 @@ def training_cases(config: dict, role: str, archs: dict, project_root: Path) -> 
             if m.kind == "sft":
                 continue
             kd = dict(kd=bool(m.kd), kd_only=m.kind == "kd", kd_arch=archs.get("teacher"), kd_dtype=teacher_dtype)
-            cases.append(replace(base, job=f"distill {name}", pair=m.kind == "preference", epochs=d["epochs"], **kd))
+            epochs = d["epochs"] * student_runs(config, name)  # every seed and every rate of a search
+            cases.append(replace(base, job=f"distill {name}", pair=m.kind == "preference", epochs=epochs, **kd))
     return cases
 
 
@@ -617,7 +629,8 @@ def inference_flops(config: dict, archs: dict, pairs: dict[str, float]) -> dict[
     evaluation = config["evaluation"]
     if not evaluation["enabled"]:
         return dict(flops)
-    methods = [m for m in resolve_methods(config["distill"]["methods"]) if m != "sft"]
+    seeds = len(config.get("seeds") or [config["seed"]])
+    methods = [m for m in resolve_methods(config["distill"]["methods"]) if m != "sft"] * seeds  # each seed's run
     teachers = 2 if config["contrastive"]["construction"] == "dpo" else 1
     for role, count in (("teacher", teachers), ("student", 1 + len(methods))):
         flops["lm_eval"] += count * 2 * archs[role].params * pairs["test"] * 2 * length
@@ -980,8 +993,9 @@ def model_loads(rule: str, wildcards: dict[str, str], config: dict) -> int:
     """Models one job of ``rule`` loads."""
     if rule in ("sft", "dpo", "dpo_reference", "lm_eval", "preference_eval", "model_init"):
         return 1
-    if rule == "distill":
-        return 1 + bool(method(wildcards.get("method", "sft")).kd)
+    if rule in ("distill", "distill_search"):  # a run's name is its method, or <method>-seed<N>
+        name = wildcards.get("method") or re.sub(r"-seed\d+$", "", wildcards.get("run", "sft"))
+        return 1 + bool(method(name).kd)
     if rule == "signals":
         plan = signal_plan(resolve_methods(config["distill"]["methods"]), config["signals"]["reference"])
         return len(models_for_set(wildcards["sigset"], plan)) if wildcards.get("sigset") in plan else 0

@@ -304,3 +304,15 @@ rule all:
     # distill with an online KD term loads the frozen teacher too; ctpd signals: teacher SFT, pi+, pi-;
     # generation: the student and the implicit judge's pi+ and pi-
     assert dict(counts["loads"]) == {"teacher": 1, "student": 1 + 2, "signals": 3, "generate": 3}
+
+
+def test_seeds_and_a_search_multiply_the_student_runs_and_their_model_loads():
+    from prefkd.plan import model_loads, student_runs
+
+    config = {"seed": 1, "seeds": [1, 2, 3], "distill": {"lr_grid": [1e-4, 1e-3], "lrs": {"dpo": 1e-4}}}
+    assert student_runs(config, "ctpd") == 2 + 2  # two rates with seed 1, then seeds 2 and 3
+    assert student_runs(config, "dpo") == 1 + 2  # its rate is given: one run per seed
+    assert student_runs({"seed": 1, "seeds": None, "distill": {"lr_grid": []}}, "ctpd") == 1
+    for rule, wildcards in (("distill", {"run": "uld-seed2"}), ("distill_search", {"method": "uld", "rate": "0.001"})):
+        assert model_loads(rule, wildcards, {}) == 2  # the student and its online KD teacher
+    assert model_loads("distill", {"run": "ctpd-seed3"}, {}) == 1

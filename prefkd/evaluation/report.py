@@ -665,8 +665,8 @@ def _data_section(filters: dict | None) -> tuple[list[str], dict]:
         rows.append([f"dropped: {reason}" + (f" (lines {where})" if where else ""), str(count)])
     rows += [[f"{split} pairs", str(n)] for split, n in (filters.get("splits") or {}).items()]
     noise = filters.get("label_noise") or {}
-    if noise.get("rate"):  # data.label_noise: train pairs swapped on purpose
-        rows.append([f"train pairs flipped (label noise {noise['rate']})", str(noise.get("flipped", DASH))])
+    if noise:  # data.label_noise: train pairs swapped on purpose (0 for a clean run, said so)
+        rows.append([f"train pairs flipped (label noise {noise.get('rate', 0):g})", str(noise.get("flipped", DASH))])
     lines += [f"`prepare` read {filters.get('source', 'the source')}; rows it dropped are counted by reason.", ""]
     lines += _md_table(["", "count"], rows) + [""]
     table = {(r[0], "count"): float(r[1]) for r in rows if r[1].isdigit()}

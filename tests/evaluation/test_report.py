@@ -515,6 +515,16 @@ def test_prepare_drops_are_in_the_report(tmp_path):
     table = result["tables"]["Data"]
     assert table[("kept", "count")] == 7 and table[("dropped: malformed_json (lines 5)", "count")] == 1
     assert table[("test pairs", "count")] == 1
+    assert not [k for k in table if "flipped" in k[0]]  # a filter report without the label-noise record
+
+
+@pytest.mark.parametrize("rate, flipped", [(0.0, 0), (0.2, 9)])
+def test_label_noise_is_always_stated(tmp_path, rate, flipped):
+    kw = make_tree(tmp_path)
+    record = {"splits": {"train": 45}, "label_noise": {"rate": rate, "flipped": flipped, "examples": []}}
+    filters = _write(tmp_path / "filter_report.json", record)
+    table = build_report(**kw, filters=filters)["tables"]["Data"]
+    assert table[(f"train pairs flipped (label noise {rate:g})", "count")] == flipped
 
 
 def test_rates_carry_the_bootstrap_interval_of_their_outcomes(built):

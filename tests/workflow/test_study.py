@@ -34,7 +34,8 @@ def project(tmp_path_factory) -> Project:
 def _noise_config(project: Project) -> str:
     config = copy.deepcopy(SMALL_CONFIG)
     config["experiment"] = "noisy"
-    config["data"]["label_noise"] = [0, 0.2]
+    config["data"].update(label_noise=[0, 0.2], demo_pairs=80)  # two experiments of the data stages: small ones
+    config["tokenize"]["shards"] = 1
     (project.root / "noisy.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return "noisy.yaml"
 
