@@ -491,8 +491,17 @@ def student_run_stage(run, method, seed):
     return {"match": rx, "runs": [out], "needs": needs, "flops": flops}
 
 
+def pair_trained(role):
+    """Whether the run trains a role's contrastive pair (a signal set, the KD teacher or the judge reads it)."""
+    if role == "teacher":
+        return teacher_pair_needed()
+    keys = {key for name in SIGNAL_SETS for key in models_for_set(name, SIGNAL_SETS)}
+    return bool(keys & {"student-pos", "student-neg"}) or config["contrastive"]["student_pair"]
+
+
 def cost_plan():
-    """prefkd.cost's plan: what each stage's jobs are, what it needs and its FLOPs terms."""
+    """prefkd.cost's plan: what each stage's jobs are, what it needs and its FLOPs terms (only the stages this
+    config can run)."""
     data = "(tokenizer-(teacher|student)|demo_data|prepare|tokenize/.*|alignment_stats|reverse/tokens-.*)"
     stages = {"data": {"match": data}}
     for role in ROLES:
@@ -505,18 +514,20 @@ def cost_plan():
             "flops": [[6, sft_dir, role, ["chosen"], epochs, ["train"]]],
         }
         rejected = f"{R}/models/{role}-sft-rejected"
-        stages[f"sft-rejected-{role}"] = {
-            "match": f"sft-rejected-{role}",
-            "runs": [rejected],
-            "needs": ["data", f"init-{role}"],
-            "flops": [[6, rejected, role, ["rejected"], epochs, ["train"]]],
-        }
+        construction = config["contrastive"]["construction"] if pair_trained(role) else None
+        if construction == "sft":
+            stages[f"sft-rejected-{role}"] = {
+                "match": f"sft-rejected-{role}",
+                "runs": [rejected],
+                "needs": ["data", f"init-{role}"],
+                "flops": [[6, rejected, role, ["rejected"], epochs, ["train"]]],
+            }
         stages[f"dpo-ref-{role}"] = {
             "match": f"(signals/dpo-ref-{role}-{SPLIT_RX}|reverse/signals/dpo-ref-{role}-.*)",
             "needs": [model_stage(f"{role}-sft")],
             "flops": [[2, sft_dir, role, BOTH, 1, None]],
         }
-        for direction in ("pos", "neg"):
+        for direction in ("pos", "neg") if construction == "dpo" else ():
             out, c = f"{R}/models/{role}-dpo-{direction}", config["contrastive"][direction]
             stages[f"dpo-{role}-{direction}"] = {
                 "match": f"dpo-{role}-{direction}",
