@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import yaml
-from test_workflow import REPO, SHARED, Project, job_counts
+from test_workflow import REPO, Project, copy_project, job_counts
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
-    root = tmp_path_factory.mktemp("lite") / "prefkd"
-    root.mkdir()
-    for name in ("workflow", "envs", "configs", "profiles"):
-        shutil.copytree(REPO / name, root / name)
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    if SHARED.is_dir():
-        (root.parent / "shared").symlink_to(SHARED, target_is_directory=True)
-    return Project(root)
+    return copy_project(tmp_path_factory, "lite")
 
 
 def _dry_run(project: Project, config: dict) -> str:

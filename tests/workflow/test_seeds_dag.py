@@ -7,25 +7,17 @@ import copy
 import json
 import re
 import shlex
-import shutil
 
 import pytest
 import yaml
-from test_workflow import REPO, SHARED, TEST_CONFIGS, Project, job_counts
+from test_workflow import TEST_CONFIGS, Project, copy_project, job_counts
 
 PIPELINE = yaml.safe_load((TEST_CONFIGS / "config-pipeline.yaml").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
-    root = tmp_path_factory.mktemp("seeds") / "prefkd"
-    root.mkdir()
-    for name in ("workflow", "envs", "configs", "profiles"):
-        shutil.copytree(REPO / name, root / name)
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    if SHARED.is_dir():
-        (root.parent / "shared").symlink_to(SHARED, target_is_directory=True)
-    return Project(root)
+    return copy_project(tmp_path_factory, "seeds")
 
 
 def _shells(output: str) -> dict[str, str]:

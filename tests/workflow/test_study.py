@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
-from test_workflow import REPO, SHARED, SMALL_CONFIG, Project
+from test_workflow import SMALL_CONFIG, Project, copy_project
 
 from prefkd.study import level_results, study_markdown
 
@@ -21,14 +20,7 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
-    root = tmp_path_factory.mktemp("study") / "prefkd"
-    root.mkdir()
-    for name in ("workflow", "envs", "configs", "profiles"):
-        shutil.copytree(REPO / name, root / name)
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    if SHARED.is_dir():
-        (root.parent / "shared").symlink_to(SHARED, target_is_directory=True)
-    return Project(root)
+    return copy_project(tmp_path_factory, "study")
 
 
 def _noise_config(project: Project) -> str:

@@ -78,6 +78,18 @@ class Project:
         ]
 
 
+def copy_project(tmp_path_factory, name: str) -> Project:
+    """A fresh copy of the workflow, its configs and profiles (and the shared data next to it) for dry runs."""
+    root = tmp_path_factory.mktemp(name) / "prefkd"
+    root.mkdir()
+    for folder in ("workflow", "envs", "configs", "profiles"):
+        shutil.copytree(REPO / folder, root / folder)
+    shutil.copy(REPO / "config.yaml", root / "config.yaml")
+    if SHARED.is_dir():  # configs name ../shared/... relative to the project root
+        (root.parent / "shared").symlink_to(SHARED, target_is_directory=True)
+    return Project(root)
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a snakemake run or dry-run as {rule: count} (empty when nothing to do)."""
     counts: dict[str, int] = {}
