@@ -25,6 +25,7 @@ left out. Wall and CPU seconds are Snakemake's benchmark records of each job (``
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -165,26 +166,10 @@ def account(plan: dict, bench_dir: Path, tokens: dict, params=model_params) -> d
     """Every stage's cost and every run's own and end-to-end totals (stages it needs counted once). ``params``:
     a model's N (a function of its dir, or a dict), read only for stages whose jobs ran."""
     stages = plan.get("stages", {})
-    if isinstance(params, dict):
-        params = params.__getitem__
-    cache: dict[str, int] = {}
-
-    def count(model: str) -> int:
-        if model not in cache:
-            cache[model] = params(model)
-        return cache[model]
-
+    count = functools.cache(params.__getitem__ if isinstance(params, dict) else params)  # each model read once
     found, other = match_jobs(bench_dir, stages)
     costs = {k: stage_cost(spec, found[k], tokens, count) for k, spec in stages.items()}
-    records = [read_benchmark(p) for p in other]
-    costs["other"] = {
-        "jobs": len(records),
-        "wall_s": round(sum(r["wall_s"] for r in records), 2),
-        "cpu_s": round(sum(r["cpu_s"] for r in records), 2),
-        "max_rss_mb": round(max((r["max_rss_mb"] for r in records), default=0.0), 1),
-        "processes": 1,
-        "flops": 0.0,
-    }
+    costs["other"] = stage_cost({}, [(path, None) for path in other], tokens, count)  # no FLOPs terms
     methods = {}
     for run, key in plan.get("methods", {}).items():
         keys = closure(key, stages)

@@ -132,7 +132,8 @@ def to_flags(cls, values: dict) -> str:
     for name in values:
         if name not in fields:
             raise PrefkdError(f"{cls.__name__} has no setting {name!r}; its settings are: {', '.join(fields)}.")
-    for name, value in sorted(values.items(), key=lambda kv: list(fields).index(kv[0])):
+    for name in fields:
+        value = values.get(name)
         if value is None:
             continue
         flag = option_name(fields[name])

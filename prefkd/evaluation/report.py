@@ -538,10 +538,6 @@ def _seeds_section(groups, prefs, rewards, bench, columns) -> tuple[list[str], d
     return lines, table
 
 
-def _read_lr_search(path: Path) -> dict | None:
-    return _optional_json(path, "learning-rate search")
-
-
 def _lr_section(rates: dict[str, str], searches: dict[str, Path]) -> tuple[list[str], dict]:
     lines = ["## Learning rates", ""]
     if not rates and not searches:
@@ -551,7 +547,7 @@ def _lr_section(rates: dict[str, str], searches: dict[str, Path]) -> tuple[list[
     for method, rate in rates.items():
         body.append([row_label(f"student-{method}"), rate, "configured", DASH])
     for method, path in searches.items():
-        data = _read_lr_search(path) or {}
+        data = _optional_json(path, "learning-rate search") or {}
         grid = []
         for c in data.get("candidates", []):
             acc = pct(c["accuracy"]) if is_number(c.get("accuracy")) else None

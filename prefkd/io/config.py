@@ -168,14 +168,14 @@ def noise_levels(config: dict) -> list[float]:
     return [float(v) for v in value] if isinstance(value, list) else [float(value)]
 
 
-def single_level(config: dict, how: str) -> dict:
+def single_level(config: dict) -> dict:
     """The config of one experiment: a one-element label-noise list is its level; several levels are a study,
     which one Snakemake run cannot hold (one sentence says how to run it)."""
     levels = noise_levels(config)
     if len(levels) > 1:
         raise PrefkdError(
             f"data.label_noise lists {len(levels)} levels, a study axis with one experiment per level: run "
-            f"`prefkd study --configfile {how}`, which runs each level and writes results/{config['experiment']}/study.md."
+            f"`prefkd study --configfile <your config>`, which runs each level and writes results/{config['experiment']}/study.md."
         )
     config["data"]["label_noise"] = levels[0]
     return config

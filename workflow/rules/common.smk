@@ -37,7 +37,7 @@ PROJECT_ROOT = Path(workflow.basedir).parent
 
 try:
     config = validate_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
-    config = single_level(config, "<your config>")  # a list of label-noise levels is `prefkd study`'s
+    config = single_level(config)  # a list of label-noise levels is `prefkd study`'s
     check_environment(config, PROJECT_ROOT)  # what the config names exists here: found now, not hours later
     # A config sized for GPUs gets `prefkd plan`'s memory check before any job is submitted.
     if any(res["gpus"] for res in config["resources"].values() if isinstance(res, dict)):
@@ -346,10 +346,15 @@ SUITES = list(EVAL["suites"])
 EVALUATING = TRAINING and EVAL["enabled"]
 
 
+def signal_model_keys():
+    """The model keys (teacher-sft, student-pos, ...) that this run's signal sets load."""
+    return {key for name in SIGNAL_SETS for key in models_for_set(name, SIGNAL_SETS)}
+
+
 def teacher_pair_needed():
     """Whether the run trains the teacher's contrastive pair: a signal set or the KD teacher or the implicit
     judge reads it (a run of CTPD-Lite alone, judged by a reward model or not at all, does not)."""
-    keys = {key for name in SIGNAL_SETS for key in models_for_set(name, SIGNAL_SETS)}
+    keys = signal_model_keys()
     kd = config["distill"]["kd_teacher"] == "pos" and any(lib_method(m).kd for m in STUDENT_METHODS)
     judge = EVAL["enabled"] and EVAL["reward"]["enabled"] and EVAL["reward"]["judge"] == IMPLICIT
     return bool(keys & {"teacher-pos", "teacher-neg"}) or kd or judge
@@ -495,8 +500,7 @@ def pair_trained(role):
     """Whether the run trains a role's contrastive pair (a signal set, the KD teacher or the judge reads it)."""
     if role == "teacher":
         return teacher_pair_needed()
-    keys = {key for name in SIGNAL_SETS for key in models_for_set(name, SIGNAL_SETS)}
-    return bool(keys & {"student-pos", "student-neg"}) or config["contrastive"]["student_pair"]
+    return bool(signal_model_keys() & {"student-pos", "student-neg"}) or config["contrastive"]["student_pair"]
 
 
 def cost_plan():
