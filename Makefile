@@ -12,6 +12,7 @@ STAMP         := $(VENV)/.prefkd-installed
 
 export PREFKD_WHEEL_DIR ?= $(CURDIR)/.cache/wheels
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PREFKD_CACHE_DIR ?= $(CURDIR)/.cache/prefkd
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

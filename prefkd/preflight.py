@@ -17,7 +17,7 @@ from prefkd.assets.tokenizers import BUILTIN
 from prefkd.core.layout import ROLES
 from prefkd.data.prepare import LOCAL_SUFFIXES
 from prefkd.errors import PrefkdError
-from prefkd.evaluation.lmeval import LOCAL_PREFIX, TASKS_DIR
+from prefkd.evaluation.lmeval import LOCAL_PREFIX, TASKS_DIR, unknown_tasks
 from prefkd.evaluation.settings import IMPLICIT
 from prefkd.launch import TRAINING_KINDS, accelerate_settings, check_training_resources
 
@@ -112,14 +112,12 @@ def check_tasks(config: dict) -> None:
     harness = sorted(t for t in tasks if not t.startswith(LOCAL_PREFIX))
     if not harness:
         return
-    from lm_eval.tasks import TaskManager
-
-    known = set(TaskManager().all_tasks)
-    for task in harness:
-        if task not in known:
-            raise PrefkdError(
-                f"config key 'evaluation.suites.{tasks[task]}' names the lm-eval task {task!r}, which lm-eval does not know."
-            )
+    unknown = unknown_tasks(harness)
+    if unknown:
+        raise PrefkdError(
+            f"config key 'evaluation.suites.{tasks[unknown[0]]}' names the lm-eval task {unknown[0]!r}, "
+            "which lm-eval does not know."
+        )
 
 
 def check_judge(config: dict) -> None:

@@ -13,8 +13,10 @@ The output JSON keeps lm-eval's own results next to a small ``scores`` table
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -72,6 +74,50 @@ def check_task_extras(tasks: list[str]) -> None:
     problems = missing_extras(tasks)
     if problems:
         raise PrefkdError("; ".join(problems) + ".")
+
+
+# ---------------------------------------------------------------------------
+# The names lm-eval knows, cached
+# ---------------------------------------------------------------------------
+
+
+def task_index_cache() -> Path:
+    """Where the installed harness's task names are cached: ``$PREFKD_CACHE_DIR`` or the user's cache folder."""
+    root = os.environ.get("PREFKD_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefkd"
+    version = importlib.metadata.version("lm_eval")
+    package = Path(importlib.util.find_spec("lm_eval").origin).resolve().parent  # not imported: find_spec only
+    where = hashlib.sha256(str(package).encode()).hexdigest()[:12]
+    return Path(root) / f"lm-eval-{version}-{where}-tasks.json"
+
+
+def _index_tasks() -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    return sorted(TaskManager().all_tasks)
+
+
+def unknown_tasks(names: list[str]) -> list[str]:
+    """The names lm-eval knows no task, group or tag by, in order.
+
+    Indexing every task YAML of the harness takes 10-30 s, paid by every Snakemake start (and every SLURM job
+    step, which re-reads the workflow), so the index is cached per harness version and install. The cache can
+    only make the answer slower, never wrong the other way: a name it lacks is checked again on a fresh index
+    (an editable harness may have gained tasks), which then replaces the cache.
+    """
+    cache = task_index_cache()
+    try:
+        known = set(json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        known = None
+    if known is None or any(n not in known for n in names):
+        known = set(_index_tasks())
+        try:
+            write_json(cache, sorted(known))
+        except OSError:  # a read-only home: go on uncached
+            pass
+    return [n for n in names if n not in known]
 
 
 # ---------------------------------------------------------------------------

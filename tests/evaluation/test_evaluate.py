@@ -280,3 +280,27 @@ def test_a_local_task_without_data_is_reported_as_skipped(setup, tmp_path):
     assert result["scores"]["prefkd_pref_mc"]["samples"] == 4
     with pytest.raises(PrefkdError, match="unknown local lm-eval task"):
         run_suite(setup["student"], {"tasks": ["prefkd_nope"]}, tmp_path / "tasks", device="cpu")
+
+
+def test_the_harness_task_index_is_built_once_and_rebuilt_for_a_name_it_lacks(tmp_path, monkeypatch):
+    """The preflight's lm-eval task check reads a cached index after the first real one (every Snakemake start and
+    SLURM job step paid 10-30 s for it); a name the cache lacks is looked up in a fresh index before it is refused."""
+    from prefkd.evaluation import lmeval
+
+    monkeypatch.setenv("PREFKD_CACHE_DIR", str(tmp_path))
+    assert lmeval.unknown_tasks(["arc_challenge", "no_such_task_xyz", "mmlu"]) == ["no_such_task_xyz"]
+    cache = lmeval.task_index_cache()
+    assert cache.parent == tmp_path and "arc_challenge" in json.loads(cache.read_text())
+    calls = []
+    real = json.loads(cache.read_text())
+
+    def index():
+        calls.append(1)
+        return real + ["my_new_task"]
+
+    monkeypatch.setattr(lmeval, "_index_tasks", index)
+    assert lmeval.unknown_tasks(["arc_challenge", "gsm8k"]) == [] and not calls  # from the cache
+    assert lmeval.unknown_tasks(["my_new_task"]) == [] and len(calls) == 1  # not cached: indexed again
+    assert "my_new_task" in json.loads(cache.read_text())
+    cache.write_text("{not json")
+    assert lmeval.unknown_tasks(["gsm8k"]) == [] and len(calls) == 2  # a broken cache is rebuilt, not trusted
