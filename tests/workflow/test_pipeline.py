@@ -140,7 +140,13 @@ def test_changing_only_evaluation_settings_never_reruns_training(pipeline: Proje
     "section, key, value, reruns, kept",
     [
         # CTPD's own rate: its two seeds rerun, no other method
-        ("distill", "lrs", {"ctpd": 1.0e-4}, {"distill": 2}, {"sft", "dpo", "signals", "distill_search", "model_init"}),
+        (
+            "distill",
+            "lrs",
+            {"ctpd": 1.0e-4, "dpo": 0.001},
+            {"distill": 2},
+            {"sft", "dpo", "signals", "distill_search", "model_init"},
+        ),
         # the clamp of CTPD and CTPD-Lite weights: both sets, CTPD's seeds, CTPD-Lite's search and its seed 2
         (
             "signals",
@@ -194,7 +200,7 @@ def test_a_changed_input_never_resumes_an_old_checkpoint(pipeline: Project):
 
 
 def test_seeds_learning_rates_cost_and_label_noise_reach_the_report(pipeline: Project):
-    """Issue 12: two seeds per method, DPO and CTPD-Lite searched on the valid split, CTPD's rate given, the
+    """Issue 12: two seeds per method, CTPD-Lite's rate searched on the valid split, CTPD's and DPO's given, the
     compute accounting, 10% label noise and the tokenizer-mismatch table, all in the report."""
     from prefkd.evaluation.report import table_numbers, table_rows
     from prefkd.evaluation.stats import mean_sd
@@ -212,8 +218,8 @@ def test_seeds_learning_rates_cost_and_label_noise_reach_the_report(pipeline: Pr
     # the searched methods: the chosen rate's run is students/<method>, and seed 2 trained at that rate
     _, rows = table_rows(md, "Learning rates")
     shown = {r[0]: r[1:] for r in rows}
-    assert shown["CTPD"][:2] == ["0.0005", "configured"]
-    for method in ("dpo", "ctpd-lite"):
+    assert shown["CTPD"][:2] == ["0.0005", "configured"] and shown["DPO"][:2] == ["0.001", "configured"]
+    for method in ("ctpd-lite",):
         chosen = _json(res / "students-grid" / method / "selected.json")
         assert chosen["lr"] in (0.0005, 0.002) and len(chosen["candidates"]) == 2
         assert _json(res / "students" / f"{method}-seed2" / "train_summary.json")["settings"]["lr"] == chosen["lr"]
