@@ -320,7 +320,9 @@ def run_suite(model_dir: Path, suite: dict, task_data: Path | None = None, seed:
     }
     with tempfile.TemporaryDirectory(prefix="prefkd-lm-eval-") as include:
         _write_local_tasks([t for t in names if t not in skipped], task_data, Path(include))
-        manager = TaskManager(include_path=include)
+        # only the suite's local tasks: the harness's own ~14k task YAMLs are indexed only when the suite names one
+        harness = any(not t.startswith(LOCAL_PREFIX) for t in names)
+        manager = TaskManager(include_path=include, include_defaults=harness)
         by_shots: dict[int, list[str]] = {}
         for t in suite["tasks"]:
             if t["task"] not in skipped:
